@@ -1,0 +1,136 @@
+"""Throwaway PostgreSQL and Redis servers for the tests, the demo and the benchmarks.
+
+Each server lives in a temporary directory on a free port and is gone when
+stopped. initdb refuses to run as root, so as root the cluster belongs to the
+`postgres` user.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg2
+import redis
+
+REPO = Path(__file__).resolve().parent.parent
+DIST_SCHEMA = REPO / "dist" / "schema.sql"
+ORIGINAL_SCHEMA = REPO.parent / "shared" / "djinn" / "schema.sql"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(check, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check()
+            return
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not come up: {exc}") from exc
+            time.sleep(0.05)
+
+
+class Postgres:
+    def __init__(self) -> None:
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+        self.bin = Path(bins[-1]) if bins else Path(shutil.which("initdb") or "initdb").parent
+        self.dir = Path(tempfile.mkdtemp(prefix="djinn-test-pg-"))
+        self.port = free_port()
+        self.user = None
+        self.proc: subprocess.Popen | None = None
+        if os.getuid() == 0:
+            self.user = "postgres"
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+
+    def _run(self, *args: str) -> None:
+        subprocess.run(args, check=True, user=self.user, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE)
+
+    def start(self) -> Postgres:
+        data = self.dir / "data"
+        self._run(str(self.bin / "initdb"), "-D", str(data), "-U", "postgres",
+                  "--auth=trust", "-E", "UTF8", "--no-sync", "--no-instructions")
+        self.proc = subprocess.Popen(
+            [str(self.bin / "postgres"), "-D", str(data), "-p", str(self.port),
+             "-k", str(self.dir), "-c", "listen_addresses=127.0.0.1",
+             "-c", "fsync=off", "-c", "synchronous_commit=off",
+             "-c", "full_page_writes=off", "-c", "max_connections=200"],
+            user=self.user, stdout=subprocess.DEVNULL, stderr=open(self.dir / "log", "wb"),
+        )
+        _wait(lambda: self.connect("postgres").close(), "PostgreSQL")
+        return self
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def connect(self, dbname: str) -> psycopg2.extensions.connection:
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=dbname)
+        conn.autocommit = True
+        return conn
+
+    def create_database(self, name: str, schema: Path, extra: str = "") -> None:
+        conn = self.connect("postgres")
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            cur.execute(f'CREATE DATABASE "{name}"')
+        conn.close()
+        conn = self.connect(name)
+        with conn.cursor() as cur:
+            cur.execute(schema.read_text())
+            if extra:
+                cur.execute(extra)
+        conn.close()
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Redis:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="djinn-test-redis-"))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Redis:
+        self.proc = subprocess.Popen(
+            [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(self.port),
+             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        _wait(lambda: self.client().ping(), "Redis")
+        return self
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port)
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(15)
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,182 @@
+"""The build child: load one build, run it, report over the pipe, exit.
+
+Runs in a forked process in a session of its own. It opens its own database
+and Redis connections, arms the build timeout, listens for kill requests and
+writes everything the runner reports into the database. Its last act towards
+the supervisor is one JSON line on the report pipe saying how the build ended;
+anything it writes before that tells the supervisor what to clean up should
+this process die.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass
+
+from .cancel import BuildTimer, Cancel
+from .config import DriverConfig, WorkerConfig
+from .model import FAILED, KILLED, Artifact, Build, Job, Object, Stage
+from .queue import KillWatcher, Payload
+from .runner import DriverNotEnabled, Runner
+from . import db
+
+log = logging.getLogger(__name__)
+
+# Live output reaches the database at most this long after it was printed.
+FLUSH_INTERVAL = 0.25
+
+
+@dataclass
+class Report:
+    build_id: int
+    status: str
+    error: str = ""
+
+
+class Pipe:
+    """The child's end of the report pipe; also the driver's resource Tracker."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def send(self, **message) -> None:
+        data = (json.dumps(message) + "\n").encode()
+        try:
+            os.write(self.fd, data)
+        except BrokenPipeError:
+            pass  # the supervisor is gone; the build still finishes in the database
+
+    def process_group(self, pgid: int) -> None:
+        self.send(pgid=pgid)
+
+    def path(self, path: str) -> None:
+        self.send(path=path)
+
+
+class DatabaseReporter:
+    """Runner events into SQL, with job output batched for a short interval.
+
+    A job that prints many small lines would otherwise cost one UPDATE per
+    line; a background thread flushes what is buffered every FLUSH_INTERVAL,
+    and every status change flushes first so the log is in order.
+    """
+
+    def __init__(self, conn: db.Connection, build: Build):
+        self.conn, self.build = conn, build
+        self._lock = threading.Lock()
+        self._pending: list[tuple[int | None, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._flusher, name="output", daemon=True)
+        self._thread.start()
+
+    def _flusher(self) -> None:
+        while not self._stop.wait(FLUSH_INTERVAL):
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+            merged: list[tuple[int | None, str]] = []
+            for job_id, text in pending:
+                if merged and merged[-1][0] == job_id:
+                    merged[-1] = (job_id, merged[-1][1] + text)
+                else:
+                    merged.append((job_id, text))
+            for job_id, text in merged:
+                db.append_output(self.conn, self.build.id, job_id, text)
+
+    def output(self, job: Job | None, text: str) -> None:
+        with self._lock:
+            self._pending.append((job.id if job else None, text))
+
+    def job_started(self, job: Job) -> None:
+        self.flush()
+        db.start_job(self.conn, job.id)
+
+    def job_finished(self, job: Job, status: str) -> None:
+        self.flush()
+        db.finish_job(self.conn, job.id, status)
+
+    def stage_started(self, stage: Stage) -> None:
+        db.start_stage(self.conn, stage.id)
+
+    def stage_finished(self, stage: Stage, status: str) -> None:
+        db.finish_stage(self.conn, stage.id, status)
+
+    def object_placed(self, obj: Object) -> None:
+        db.mark_placed(self.conn, obj.id)
+
+    def artifact_collected(self, artifact: Artifact, size: int, md5: bytes, sha256: bytes) -> None:
+        db.record_artifact(self.conn, artifact.id, size, md5, sha256)
+
+    def build_finished(self, status: str) -> None:
+        self.close()
+        db.finish_build(self.conn, self.build.id, status)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.flush()
+
+
+def make_driver(build: Build, config: WorkerConfig, drivers: DriverConfig, pipe: Pipe):
+    """Import only the driver this build uses: a child pays for nothing else."""
+    kind = build.driver_type
+    if kind not in config.drivers:
+        raise DriverNotEnabled(f"driver {kind} has not been configured for the worker")
+    if kind == "os":
+        from djinn_worker.drivers.local import OSDriver
+        return OSDriver(build.id, pipe)
+    raise DriverNotEnabled(f"driver {kind} is not supported by this worker")
+
+
+def run(payload: Payload, config: WorkerConfig, drivers: DriverConfig, report_fd: int) -> Report:
+    """Run one claimed build to its end; the caller exits the process after."""
+    pipe = Pipe(report_fd)
+    cancel = Cancel()
+    signal.signal(signal.SIGTERM, lambda *_: cancel.cancel(KILLED))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    timer = BuildTimer(config.timeout, cancel)
+    conn = db.connect(config.database, application="djinn-worker build")
+    try:
+        try:
+            build = db.load_build(conn, payload.build_id)
+        except db.BuildRowError as exc:
+            log.error("build %s: %s", payload.build_id, exc)
+            db.abandon_build(conn, payload.build_id, FAILED, f"{exc}\nDone. Run {FAILED}\n")
+            return Report(payload.build_id, FAILED, str(exc))
+        watcher = KillWatcher(config.redis, build.id, build.secret, lambda: cancel.cancel(KILLED))
+        try:
+            reporter = DatabaseReporter(conn, build)
+            runner = Runner(
+                build,
+                make_driver=lambda: make_driver(build, config, drivers, pipe),
+                reporter=reporter,
+                cancel=cancel,
+                creating=timer.creating,
+            )
+            status = runner.run()
+        finally:
+            timer.stop()
+            watcher.stop()
+        return Report(build.id, status)
+    finally:
+        conn.close()
+
+
+def main(payload: Payload, config: WorkerConfig, drivers: DriverConfig, report_fd: int) -> int:
+    """Entry point in the forked child; returns the exit status for os._exit."""
+    os.setsid()
+    pipe = Pipe(report_fd)
+    try:
+        report = run(payload, config, drivers, report_fd)
+    except Exception as exc:
+        log.exception("build %s: the build process failed", payload.build_id)
+        pipe.send(build_id=payload.build_id, status=None, error=f"{type(exc).__name__}: {exc}")
+        return 1
+    log.info("build %s: finished %s", report.build_id, report.status)
+    pipe.send(build_id=report.build_id, status=report.status, error=report.error)
+    return 0

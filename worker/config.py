@@ -1,0 +1,382 @@
+"""Reading and validating worker.toml and driver.toml into typed objects.
+
+Everything is checked here, before the worker connects to anything, so that a
+typo in a config file is one clear line at start-up and never a surprise in
+the middle of a build. Each error names the file, the key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+DRIVER_TYPES = ("docker", "qemu", "ssh", "os")
+# "*" means every driver that runs builds in isolation; "os" runs builds on
+# the worker's own host, so it has to be asked for by name.
+ALL_DRIVERS = ("docker", "qemu", "ssh")
+LOG_LEVELS = ("debug", "info", "error")
+STORE_TYPES = ("file",)
+QEMU_ACCELS = ("auto", "kvm", "tcg")
+
+# Go's machine names for the host, as the original worker's qemu-<arch> uses.
+_HOST_ARCH = {"amd64": "x86_64", "arm64": "aarch64"}
+
+
+class ConfigError(Exception):
+    """A problem in a config file, phrased for the operator who wrote it."""
+
+    def __init__(self, path: str, key: str, problem: str):
+        self.path, self.key, self.problem = path, key, problem
+        where = f"{path}: {key}: " if key else f"{path}: "
+        super().__init__(where + problem)
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_UNITS = {
+    "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6,
+    "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
+}
+
+
+def parse_duration(text: str) -> float:
+    """Parse a Go duration ("30m", "1h30m", "1.5s") into seconds.
+
+    Go syntax is kept so that configs written for the original worker load
+    unchanged. Negative durations are refused: nothing here can use them.
+    """
+    if text == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    if not text:
+        raise ValueError("empty duration")
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if not match:
+            raise ValueError(
+                f"bad duration {text!r}: expected numbers with units "
+                "ns, us, ms, s, m or h, like \"30m\" or \"1h30m\""
+            )
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    return total
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return _HOST_ARCH.get(machine, machine)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    type: str
+    path: str
+    limit: int = 0
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    addr: str = ""
+    ca: str = ""
+    admin: str = ""
+    username: str = ""
+    password: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.addr)
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    addr: str = "localhost:5432"
+    name: str = "djinn"
+    username: str = "djinn-worker"
+    password: str = ""
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    addr: str = "localhost:6379"
+    password: str = ""
+    db: int = 0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    file: str = "/dev/stdout"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    path: str
+    parallelism: int
+    drivers: tuple[str, ...]
+    queue: str
+    timeout: float
+    crypto_block: bytes | None
+    smtp: SMTPConfig
+    database: DatabaseConfig
+    redis: RedisConfig
+    images: StoreConfig
+    artifacts: StoreConfig
+    objects: StoreConfig
+    log: LogConfig
+
+    @property
+    def queues(self) -> list[str]:
+        """The lists popped: the shared queue, then one per enabled driver."""
+        return [self.queue] + [f"{self.queue}_{d}" for d in self.drivers]
+
+    @property
+    def slots(self) -> int:
+        return self.parallelism or os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class DockerConfig:
+    host: str = "unix:///var/run/docker.sock"
+    version: str = "auto"
+    cpus: float | None = None
+    memory: int | None = None
+    pids_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class QemuConfig:
+    disks: str
+    cpus: int = 1
+    memory: int = 2048
+    accel: str = "auto"
+
+
+@dataclass(frozen=True)
+class SSHConfig:
+    timeout: float = 60.0
+    user: str = "root"
+    password: str = ""
+
+
+@dataclass(frozen=True)
+class DriverConfig:
+    path: str
+    docker: DockerConfig
+    qemu: QemuConfig
+    ssh: SSHConfig = field(default_factory=SSHConfig)
+
+
+class _Table:
+    """One TOML table being checked: knows its file and key prefix for errors."""
+
+    def __init__(self, path: str, prefix: str, data: Any, known: set[str]):
+        self.path, self.prefix = path, prefix
+        if not isinstance(data, dict):
+            raise ConfigError(path, prefix, f"must be a table, not {_kind(data)}")
+        self.data = data
+        for key in data:
+            if key not in known:
+                raise ConfigError(path, self._key(key), "unknown key")
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.path, self._key(key), problem)
+
+    def table(self, key: str, known: set[str]) -> _Table:
+        return _Table(self.path, self._key(key), self.data.get(key, {}), known)
+
+    def get(self, key: str, kind: type, default: Any = None) -> Any:
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            want = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[kind]
+            raise self.error(key, f"must be {want}, not {_kind(value)} {value!r}")
+        return value
+
+    def string(self, key: str, default: str = "") -> str:
+        return self.get(key, str, default)
+
+    def natural(self, key: str, default: int | None = None) -> int | None:
+        value = self.get(key, int, default)
+        if value is not None and value < 0:
+            raise self.error(key, f"must not be negative, got {value}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.string(key, default)
+        if value not in choices:
+            raise self.error(key, f"must be one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    def duration(self, key: str, default: float) -> float:
+        value = self.get(key, str)
+        if value is None:
+            return default
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            raise self.error(key, str(exc)) from None
+        if seconds <= 0:
+            raise self.error(key, f"must be longer than zero, got {value!r}")
+        return seconds
+
+
+def _kind(value: Any) -> str:
+    return {
+        str: "string", int: "integer", float: "number", bool: "boolean",
+        list: "array", dict: "table",
+    }.get(type(value), type(value).__name__)
+
+
+def _read(path: str, flag: str, what: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(path, "", f"{what} not found (set its path with {flag})") from None
+    except (PermissionError, IsADirectoryError) as exc:
+        raise ConfigError(path, "", f"cannot read {what}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "not valid TOML: the file is not UTF-8") from None
+
+
+def _drivers(top: _Table) -> tuple[str, ...]:
+    raw = top.data.get("driver", "*")
+    names = [raw] if isinstance(raw, str) else raw
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise top.error("driver", "must be a driver name or a list of driver names")
+    enabled: list[str] = []
+    arch = host_arch()
+    for name in names:
+        if name == "*":
+            chosen = list(ALL_DRIVERS)
+        elif name.startswith("qemu"):
+            if name != f"qemu-{arch}":
+                raise top.error(
+                    "driver",
+                    f"{name!r}: the qemu driver must name the host's architecture, "
+                    f"on this host \"qemu-{arch}\"",
+                )
+            chosen = ["qemu"]
+        elif name in DRIVER_TYPES:
+            chosen = [name]
+        else:
+            raise top.error(
+                "driver",
+                f"unknown driver {name!r}; use \"*\", \"docker\", \"ssh\", "
+                f"\"qemu-{arch}\" or \"os\"",
+            )
+        enabled += [d for d in chosen if d not in enabled]
+    return tuple(enabled)
+
+
+def _store(top: _Table, key: str, default_path: str, with_limit: bool) -> StoreConfig:
+    known = {"type", "path", "limit"} if with_limit else {"type", "path"}
+    table = top.table(key, known)
+    path = table.string("path", default_path)
+    if not path:
+        raise table.error("path", "must not be empty")
+    return StoreConfig(
+        type=table.choice("type", STORE_TYPES, "file"),
+        path=path,
+        limit=table.natural("limit", 0) if with_limit else 0,
+    )
+
+
+def load_worker(path: str) -> WorkerConfig:
+    """Load worker.toml; raises ConfigError naming the first thing wrong."""
+    top = _Table(path, "", _read(path, "-config", "worker config"), {
+        "parallelism", "driver", "queue", "timeout", "crypto", "smtp",
+        "database", "redis", "images", "artifacts", "objects", "log",
+        # The original example worker.toml carries the server's OAuth
+        # providers; accept them so existing configs load, and ignore them.
+        "providers",
+    })
+    queue = top.string("queue", "builds")
+    if not queue:
+        raise top.error("queue", "must not be empty")
+
+    crypto = top.table("crypto", {"block"})
+    block = crypto.get("block", str)
+    if block is not None and len(block.encode()) not in (16, 24, 32):
+        raise crypto.error(
+            "block", f"must be 16, 24 or 32 characters long, got {len(block.encode())}"
+        )
+
+    smtp = top.table("smtp", {"addr", "ca", "admin", "username", "password"})
+    database = top.table("database", {"addr", "name", "username", "password"})
+    redis = top.table("redis", {"addr", "password", "db"})
+    log = top.table("log", {"level", "file"})
+    return WorkerConfig(
+        path=path,
+        parallelism=top.natural("parallelism", 0),
+        drivers=_drivers(top),
+        queue=queue,
+        timeout=top.duration("timeout", 30 * 60.0),
+        crypto_block=block.encode() if block is not None else None,
+        smtp=SMTPConfig(**{k: smtp.string(k) for k in smtp.data}),
+        database=DatabaseConfig(
+            **{k: database.string(k) for k in database.data}
+        ),
+        redis=RedisConfig(
+            addr=redis.string("addr", RedisConfig.addr),
+            password=redis.string("password"),
+            db=redis.natural("db", 0),
+        ),
+        images=_store(top, "images", "/var/lib/djinn/images", with_limit=False),
+        artifacts=_store(top, "artifacts", "/var/lib/djinn/artifacts", with_limit=True),
+        objects=_store(top, "objects", "/var/lib/djinn/objects", with_limit=False),
+        log=LogConfig(
+            level=log.choice("level", LOG_LEVELS, "info"),
+            file=log.string("file", "/dev/stdout") or "/dev/stdout",
+        ),
+    )
+
+
+def load_drivers(path: str, worker: WorkerConfig) -> DriverConfig:
+    """Load driver.toml; the worker config supplies defaults (qemu disks)."""
+    top = _Table(path, "", _read(path, "-driver", "driver config"), {"docker", "qemu", "ssh"})
+    docker = top.table("docker", {"host", "version", "cpus", "memory", "pids_limit"})
+    qemu = top.table("qemu", {"disks", "cpus", "memory", "accel"})
+    ssh = top.table("ssh", {"timeout", "user", "password"})
+
+    cpus = docker.get("cpus", float)
+    if cpus is not None and cpus <= 0:
+        raise docker.error("cpus", f"must be more than zero, got {cpus}")
+    for table, key in ((docker, "memory"), (docker, "pids_limit"), (qemu, "cpus"), (qemu, "memory")):
+        value = table.get(key, int)
+        if value is not None and value <= 0:
+            raise table.error(key, f"must be more than zero, got {value}")
+
+    return DriverConfig(
+        path=path,
+        docker=DockerConfig(
+            host=docker.string("host", DockerConfig.host),
+            version=docker.string("version", DockerConfig.version),
+            cpus=cpus,
+            memory=docker.get("memory", int),
+            pids_limit=docker.get("pids_limit", int),
+        ),
+        qemu=QemuConfig(
+            disks=qemu.string("disks", os.path.join(worker.images.path, "qemu")),
+            cpus=qemu.get("cpus", int, QemuConfig.cpus),
+            memory=qemu.get("memory", int, QemuConfig.memory),
+            accel=qemu.choice("accel", QEMU_ACCELS, "auto"),
+        ),
+        ssh=SSHConfig(
+            timeout=ssh.duration("timeout", SSHConfig.timeout),
+            user=ssh.string("user", SSHConfig.user),
+            password=ssh.string("password"),
+        ),
+    )

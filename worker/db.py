@@ -1,0 +1,209 @@
+"""Every SQL statement the worker issues, against the tables of Djinn's schema.
+
+Connections run in autocommit: each statement is one small change that is
+visible to the server at once (live job output, statuses), and the few
+multi-statement changes use an explicit transaction.
+"""
+
+from __future__ import annotations
+
+import psycopg2
+import psycopg2.extensions
+
+from .config import DatabaseConfig
+from .model import (
+    FAILED, RUNNING, Artifact, Build, Job, Key, Object, Stage,
+)
+
+Connection = psycopg2.extensions.connection
+
+
+class BuildRowError(Exception):
+    """The build's rows cannot be run as they are; the message says which row."""
+
+
+def split_addr(addr: str, default_port: int) -> tuple[str, int]:
+    """host:port, a bare host, or a unix socket directory (for PostgreSQL)."""
+    host, sep, port = addr.rpartition(":")
+    if sep and port.isdigit():
+        return host or "localhost", int(port)
+    return addr or "localhost", default_port
+
+
+def connect(config: DatabaseConfig, application: str = "djinn-worker") -> Connection:
+    host, port = split_addr(config.addr, 5432)
+    conn = psycopg2.connect(
+        host=host, port=port, dbname=config.name, user=config.username,
+        password=config.password, connect_timeout=10, application_name=application,
+    )
+    conn.autocommit = True
+    return conn
+
+
+def claim(conn: Connection, build_id: int) -> str | None:
+    """Mark a queued build running; None on success, else why it was not claimed.
+
+    The status check and the update are one statement, so two workers given
+    the same build id can never both run it.
+    """
+    with conn.cursor() as cur:
+        cur.execute(
+            "UPDATE builds SET status = 'running', started_at = NOW() "
+            "WHERE id = %s AND status = 'queued' RETURNING id",
+            (build_id,),
+        )
+        if cur.fetchone():
+            return None
+        cur.execute("SELECT status FROM builds WHERE id = %s", (build_id,))
+        row = cur.fetchone()
+    return "no such build" if row is None else f"the build is already {row[0]}"
+
+
+def load_build(conn: Connection, build_id: int) -> Build:
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT b.user_id, b.namespace_id, b.number, b.secret, d.type, d.config "
+            "FROM builds b LEFT JOIN LATERAL ("
+            "  SELECT type, config FROM build_drivers WHERE build_id = b.id ORDER BY id LIMIT 1"
+            ") d ON TRUE WHERE b.id = %s",
+            (build_id,),
+        )
+        row = cur.fetchone()
+        if row is None:
+            raise BuildRowError(f"build {build_id} does not exist")
+        user_id, namespace_id, number, secret, driver_type, driver = row
+        if driver_type is None:
+            raise BuildRowError(f"build {build_id} has no build_drivers row")
+        if not isinstance(driver, dict):
+            raise BuildRowError(f"build_drivers.config of build {build_id} is not a JSON object")
+        build = Build(
+            id=build_id, user_id=user_id, namespace_id=namespace_id, number=number,
+            secret=secret, driver_type=driver_type, driver=driver,
+        )
+
+        cur.execute(
+            "SELECT id, name, can_fail FROM build_stages WHERE build_id = %s "
+            "ORDER BY created_at, id",
+            (build_id,),
+        )
+        stages = {sid: Stage(sid, name, can_fail) for sid, name, can_fail in cur.fetchall()}
+        build.stages = list(stages.values())
+
+        cur.execute(
+            "SELECT id, stage_id, name, commands FROM build_jobs WHERE build_id = %s "
+            "ORDER BY created_at, id",
+            (build_id,),
+        )
+        jobs: dict[int, Job] = {}
+        for jid, stage_id, name, commands in cur.fetchall():
+            if stage_id not in stages:
+                raise BuildRowError(f"build_jobs row {jid} belongs to stage {stage_id} of another build")
+            jobs[jid] = Job(jid, name, commands)
+            stages[stage_id].jobs.append(jobs[jid])
+
+        cur.execute(
+            "SELECT id, job_id, source, name, hash FROM build_artifacts "
+            "WHERE build_id = %s AND deleted_at IS NULL ORDER BY id",
+            (build_id,),
+        )
+        for aid, job_id, source, name, hash_ in cur.fetchall():
+            if job_id not in jobs:
+                raise BuildRowError(f"build_artifacts row {aid} belongs to job {job_id} of another build")
+            jobs[job_id].artifacts.append(Artifact(aid, source, name, hash_))
+
+        cur.execute(
+            "SELECT key, value FROM build_variables WHERE build_id = %s ORDER BY id",
+            (build_id,),
+        )
+        build.variables = list(cur.fetchall())
+
+        cur.execute(
+            "SELECT name, key, config, location FROM build_keys WHERE build_id = %s ORDER BY id",
+            (build_id,),
+        )
+        build.keys = [
+            Key(name, bytes(key), config, location or f"/root/.ssh/{name}")
+            for name, key, config, location in cur.fetchall()
+        ]
+
+        cur.execute(
+            "SELECT bo.id, bo.source, bo.name, o.hash FROM build_objects bo "
+            "LEFT JOIN objects o ON o.id = bo.object_id AND o.deleted_at IS NULL "
+            "WHERE bo.build_id = %s ORDER BY bo.id",
+            (build_id,),
+        )
+        build.objects = [Object(*row) for row in cur.fetchall()]
+    return build
+
+
+def _execute(conn: Connection, sql: str, args: tuple) -> None:
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+
+
+def append_output(conn: Connection, build_id: int, job_id: int | None, text: str) -> None:
+    """Add text to the build log and, when it came from a job, to that job's output."""
+    with conn:
+        _execute(conn, "UPDATE builds SET output = COALESCE(output, '') || %s WHERE id = %s",
+                 (text, build_id))
+        if job_id is not None:
+            _execute(conn, "UPDATE build_jobs SET output = COALESCE(output, '') || %s WHERE id = %s",
+                     (text, job_id))
+
+
+def start_job(conn: Connection, job_id: int) -> None:
+    _execute(conn, "UPDATE build_jobs SET status = 'running', started_at = NOW() WHERE id = %s",
+             (job_id,))
+
+
+def finish_job(conn: Connection, job_id: int, status: str) -> None:
+    _execute(conn, "UPDATE build_jobs SET status = %s, finished_at = NOW() WHERE id = %s",
+             (status, job_id))
+
+
+def start_stage(conn: Connection, stage_id: int) -> None:
+    _execute(conn, "UPDATE build_stages SET status = 'running', started_at = NOW() WHERE id = %s",
+             (stage_id,))
+
+
+def finish_stage(conn: Connection, stage_id: int, status: str) -> None:
+    _execute(conn, "UPDATE build_stages SET status = %s, finished_at = NOW() WHERE id = %s",
+             (status, stage_id))
+
+
+def mark_placed(conn: Connection, build_object_id: int) -> None:
+    _execute(conn, "UPDATE build_objects SET placed = TRUE WHERE id = %s", (build_object_id,))
+
+
+def record_artifact(conn: Connection, artifact_id: int, size: int, md5: bytes, sha256: bytes) -> None:
+    _execute(conn, "UPDATE build_artifacts SET size = %s, md5 = %s, sha256 = %s WHERE id = %s",
+             (size, psycopg2.Binary(md5), psycopg2.Binary(sha256), artifact_id))
+
+
+def finish_build(conn: Connection, build_id: int, status: str) -> None:
+    _execute(conn, "UPDATE builds SET status = %s, finished_at = NOW() WHERE id = %s",
+             (status, build_id))
+
+
+def abandon_build(conn: Connection, build_id: int, status: str = FAILED, line: str = "") -> bool:
+    """Finish a running build that its process can no longer finish itself.
+
+    Used by the supervisor when a child died without reporting, and by a
+    child whose build rows cannot be run. Every unfinished job and stage ends
+    with the same status. Returns False when the build was no longer running.
+    """
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "UPDATE builds SET status = %s, finished_at = NOW(), "
+            "output = COALESCE(output, '') || %s WHERE id = %s AND status = %s RETURNING id",
+            (status, line, build_id, RUNNING),
+        )
+        if cur.fetchone() is None:
+            return False
+        for table in ("build_jobs", "build_stages"):
+            cur.execute(
+                f"UPDATE {table} SET status = %s, finished_at = NOW() "
+                "WHERE build_id = %s AND status IN ('queued', 'running')",
+                (status, build_id),
+            )
+    return True

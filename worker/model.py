@@ -1,0 +1,87 @@
+"""The shape of one build as the runner sees it: plain data, no SQL.
+
+db.py fills these from the database; the runner and the drivers only ever see
+these objects, which is what lets them run without PostgreSQL or Redis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+QUEUED = "queued"
+RUNNING = "running"
+PASSED = "passed"
+PASSED_WITH_FAILURES = "passed_with_failures"
+FAILED = "failed"
+KILLED = "killed"
+TIMED_OUT = "timed_out"
+
+FINISHED = (PASSED, PASSED_WITH_FAILURES, FAILED, KILLED, TIMED_OUT)
+# Statuses that make the server mail people.
+MAILED = (FAILED, KILLED, TIMED_OUT)
+
+_RANK = {PASSED: 0, PASSED_WITH_FAILURES: 1, FAILED: 2, KILLED: 3, TIMED_OUT: 3}
+
+
+def worst(a: str, b: str) -> str:
+    """The more severe of two finished statuses (a wins ties)."""
+    return b if _RANK[b] > _RANK[a] else a
+
+
+@dataclass
+class Artifact:
+    id: int
+    source: str
+    name: str
+    hash: str
+
+
+@dataclass
+class Job:
+    id: int
+    name: str
+    commands: str
+    artifacts: list[Artifact] = field(default_factory=list)
+
+
+@dataclass
+class Stage:
+    id: int
+    name: str
+    can_fail: bool
+    jobs: list[Job] = field(default_factory=list)
+
+
+@dataclass
+class Object:
+    id: int
+    source: str
+    name: str
+    hash: str | None
+
+
+@dataclass
+class Key:
+    name: str
+    key: bytes
+    config: str
+    location: str
+
+
+@dataclass
+class Build:
+    id: int
+    user_id: int
+    namespace_id: int | None
+    number: int
+    secret: str | None
+    driver_type: str
+    driver: dict
+    stages: list[Stage] = field(default_factory=list)
+    variables: list[tuple[str, str]] = field(default_factory=list)
+    keys: list[Key] = field(default_factory=list)
+    objects: list[Object] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(self.variables)

@@ -1,0 +1,352 @@
+"""The parent process: pop builds, fork a child per build, reap, shut down.
+
+One event loop in the manner of gunicorn's arbiter: signals arrive as bytes
+on a wakeup pipe, the pending BRPOP is a socket, each child's report is a
+pipe, and the loop waits on all of them at once. The supervisor pops only
+while it has a free slot, so a build it cannot start at once stays in Redis
+for another worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import psycopg2
+import redis
+
+from . import __version__, build, db
+from .config import DriverConfig, WorkerConfig
+from .model import FAILED, TIMED_OUT
+from .queue import Payload, PayloadError, Popper, parse_payload
+
+log = logging.getLogger(__name__)
+
+# How long a child may outlive its build's timeout before the parent kills it.
+BACKSTOP_GRACE = 30.0
+# Wait this long before asking Redis or PostgreSQL again after a failure.
+RETRY_DELAY = 5.0
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP)
+
+
+@dataclass
+class Child:
+    pid: int
+    fd: int
+    payload: Payload
+    deadline: float
+    buffer: bytes = b""
+    result: dict | None = None
+    pgids: list[int] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    backstopped: bool = False
+
+    @property
+    def build_id(self) -> int:
+        return self.payload.build_id
+
+
+def describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return f"killed by signal {sig} ({signal.Signals(sig).name})"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+class Supervisor:
+    def __init__(self, config: WorkerConfig, drivers: DriverConfig,
+                 on_hangup: Callable[[], None] | None = None):
+        self.config, self.drivers = config, drivers
+        self.on_hangup = on_hangup
+        self.children: dict[int, Child] = {}
+        self.selector = selectors.DefaultSelector()
+        self.stopping = False
+        self.killing = False
+        self.retry_at = 0.0
+        self.conn: db.Connection | None = None
+        self.popper: Popper | None = None
+        self._pop_fd: int | None = None
+        self._wake_r, self._wake_w = os.pipe()
+
+    # -- start and stop -------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until told to stop; the exit status for the process."""
+        self._install_signals()
+        self.conn = db.connect(self.config.database, application="djinn-worker")
+        self.popper = Popper(self.config.redis, self.config.queues)
+        self.popper.client.ping()
+        log.info(
+            "djinn-worker %s started (pid %d): popping %s; drivers %s; %d build(s) at once; timeout %gs",
+            __version__, os.getpid(), ", ".join(self.config.queues),
+            ", ".join(self.config.drivers), self.config.slots, self.config.timeout,
+        )
+        while not (self.stopping and not self.children and not self.popper.pending):
+            self._pop_if_free()
+            for key, _ in self.selector.select(self._wait_time()):
+                key.data()
+            self._reap()
+            self._enforce_deadlines()
+        self.popper.close()
+        self.conn.close()
+        log.info("djinn-worker stopped")
+        return 0
+
+    def _install_signals(self) -> None:
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+        signal.set_wakeup_fd(self._wake_w)
+        for sig in _SIGNALS:
+            signal.signal(sig, lambda *_: None)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_signals)
+
+    def _on_signals(self) -> None:
+        try:
+            data = os.read(self._wake_r, 512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self._shutdown(signal.Signals(signum).name)
+            elif signum == signal.SIGHUP and self.on_hangup:
+                self.on_hangup()
+                log.info("received SIGHUP: log file reopened")
+
+    def _shutdown(self, name: str) -> None:
+        if not self.stopping:
+            self.stopping = True
+            log.info(
+                "received %s: no more builds will be popped; waiting for %d running build(s) "
+                "(send it again to kill them)", name, len(self.children),
+            )
+            try:
+                self.popper.unblock()
+            except redis.RedisError as exc:
+                log.error("could not cancel the pending pop: %s", exc)
+                self._forget_pop()
+        elif not self.killing:
+            self.killing = True
+            log.info("received %s again: killing %d running build(s)", name, len(self.children))
+            for child in self.children.values():
+                _signal(child.pid, signal.SIGTERM)
+
+    # -- popping ----------------------------------------------------------
+
+    def _pop_if_free(self) -> None:
+        if (self.stopping or self.popper.pending or time.monotonic() < self.retry_at
+                or len(self.children) >= self.config.slots):
+            return
+        try:
+            self.popper.start()
+        except redis.RedisError as exc:
+            self._redis_failed(exc)
+            return
+        self._pop_fd = self.popper.fileno()
+        self.selector.register(self._pop_fd, selectors.EVENT_READ, self._on_pop)
+
+    def _unwatch_pop(self) -> None:
+        if self._pop_fd is not None:
+            self.selector.unregister(self._pop_fd)
+            self._pop_fd = None
+
+    def _forget_pop(self) -> None:
+        self._unwatch_pop()
+        self.popper.reset()
+
+    def _redis_failed(self, exc: Exception) -> None:
+        log.error("redis at %s: %s; retrying in %gs", self.config.redis.addr, exc, RETRY_DELAY)
+        self._forget_pop()
+        self.retry_at = time.monotonic() + RETRY_DELAY
+
+    def _on_pop(self) -> None:
+        self._unwatch_pop()
+        try:
+            popped = self.popper.read()
+        except redis.RedisError as exc:
+            self._redis_failed(exc)
+            return
+        if popped is None:
+            return
+        queue, raw = popped
+        if self.stopping:
+            self.popper.requeue(queue, raw)
+            log.info("put a payload popped while stopping back on %s", queue)
+            return
+        try:
+            payload = parse_payload(raw)
+        except PayloadError as exc:
+            log.error("dropped payload %r from %s: %s", raw[:200], queue, exc)
+            return
+        try:
+            refusal = self._claim(payload.build_id)
+        except psycopg2.Error as exc:
+            log.error("database at %s: %s; build %d put back on %s, retrying in %gs",
+                      self.config.database.addr, str(exc).strip(), payload.build_id, queue, RETRY_DELAY)
+            self.popper.requeue(queue, raw)
+            self.retry_at = time.monotonic() + RETRY_DELAY
+            return
+        if refusal:
+            log.error("dropped build %d from %s: %s", payload.build_id, queue, refusal)
+            return
+        self._fork(payload)
+
+    def _claim(self, build_id: int) -> str | None:
+        if self.conn is None or self.conn.closed:
+            self.conn = db.connect(self.config.database, application="djinn-worker")
+        try:
+            return db.claim(self.conn, build_id)
+        except (psycopg2.OperationalError, psycopg2.InterfaceError):
+            self.conn.close()
+            raise
+
+    # -- children ---------------------------------------------------------
+
+    def _fork(self, payload: Payload) -> None:
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(read_fd)
+                self._become_child()
+                code = build.main(payload, self.config, self.drivers, write_fd)
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        child = Child(pid, read_fd, payload,
+                      deadline=time.monotonic() + self.config.timeout + BACKSTOP_GRACE)
+        self.children[pid] = child
+        self.selector.register(read_fd, selectors.EVENT_READ, lambda: self._read_report(child))
+        log.info("build %d: started in process %d", payload.build_id, pid)
+
+    def _become_child(self) -> None:
+        """Drop what belongs to the parent without disturbing it.
+
+        Sockets are closed, never shut down, so the parent's connections to
+        Redis and PostgreSQL stay intact (the PostgreSQL connection object is
+        simply never touched: the child leaves through os._exit).
+        """
+        signal.set_wakeup_fd(-1)
+        for sig in _SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        fds = [self._wake_r, self._wake_w, self.popper.fileno()]
+        fds += [c.fd for c in self.children.values()]
+        self.selector.close()
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+
+    def _read_report(self, child: Child) -> None:
+        while True:
+            try:
+                data = os.read(child.fd, 65536)
+            except BlockingIOError:
+                return
+            if not data:
+                self._close_report(child)
+                return
+            child.buffer += data
+            *lines, child.buffer = child.buffer.split(b"\n")
+            for line in lines:
+                self._on_message(child, line)
+
+    def _on_message(self, child: Child, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            log.error("build %d: unreadable report %r", child.build_id, line[:200])
+            return
+        if "pgid" in message:
+            child.pgids.append(int(message["pgid"]))
+        elif "path" in message:
+            child.paths.append(str(message["path"]))
+        elif "status" in message:
+            child.result = message
+
+    def _close_report(self, child: Child) -> None:
+        if child.fd >= 0:
+            self.selector.unregister(child.fd)
+            os.close(child.fd)
+            child.fd = -1
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            if child.fd >= 0:
+                self._read_report(child)
+                self._close_report(child)
+            self._finished(child, status)
+
+    def _finished(self, child: Child, status: int) -> None:
+        result = child.result or {}
+        if result.get("status"):
+            log.debug("build %d: process %d %s", child.build_id, child.pid, describe_exit(status))
+            return
+        how = result.get("error") or f"the build process {describe_exit(status)}"
+        final = TIMED_OUT if child.backstopped else FAILED
+        self._clean_up_after(child)
+        line = f"\nThe build process died: {how}\nDone. Run {final}\n"
+        try:
+            if self.conn is None or self.conn.closed:
+                self.conn = db.connect(self.config.database, application="djinn-worker")
+            db.abandon_build(self.conn, child.build_id, final, line)
+        except psycopg2.Error as exc:
+            log.error("build %d: could not record that its process died: %s",
+                      child.build_id, str(exc).strip())
+            return
+        log.error("build %d: %s; marked %s", child.build_id, how, final)
+
+    def _clean_up_after(self, child: Child) -> None:
+        """Remove what a child that died left: its jobs' processes and its files."""
+        for pgid in [child.pid] + child.pgids:
+            _signal(-pgid, signal.SIGKILL)
+        for path in child.paths:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        for child in self.children.values():
+            if child.result is None and not child.backstopped and now >= child.deadline:
+                child.backstopped = True
+                log.error("build %d: process %d is still running %gs past the timeout; killing it",
+                          child.build_id, child.pid, BACKSTOP_GRACE)
+                for pgid in [child.pid] + child.pgids:
+                    _signal(-pgid, signal.SIGKILL)
+
+    def _wait_time(self) -> float | None:
+        times = [c.deadline for c in self.children.values()
+                 if c.result is None and not c.backstopped]
+        now = time.monotonic()
+        if not self.popper.pending and not self.stopping and self.retry_at > now:
+            times.append(self.retry_at)
+        if not times:
+            return None
+        return max(min(times) - now, 0)
+
+
+def _signal(pid: int, sig: int) -> None:
+    """Send sig to a process (pid > 0) or process group (pid < 0) that may be gone."""
+    try:
+        if pid < 0:
+            os.killpg(-pid, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
