@@ -23,6 +23,7 @@ from .model import FAILED, KILLED, Artifact, Build, Job, Object, Stage
 from .queue import KillWatcher, Payload
 from .runner import DriverNotEnabled, Runner
 from . import db
+from djinn_worker.stores.file import FileStore
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,19 @@ def make_driver(build: Build, config: WorkerConfig, drivers: DriverConfig, pipe:
     raise DriverNotEnabled(f"driver {kind} is not supported by this worker")
 
 
+def inputs_and_outputs(build: Build, config: WorkerConfig) -> dict:
+    """The stores and cipher the runner needs, made only when the build uses them."""
+    parts: dict = {}
+    if build.objects:
+        parts["objects"] = FileStore("objects", config.objects.path)
+    if any(job.artifacts for stage in build.stages for job in stage.jobs):
+        parts["artifacts"] = FileStore("artifacts", config.artifacts.path, config.artifacts.limit)
+    if build.keys and config.crypto_block:
+        from .crypto import BlockCipher
+        parts["cipher"] = BlockCipher(config.crypto_block)
+    return parts
+
+
 def run(payload: Payload, config: WorkerConfig, drivers: DriverConfig, report_fd: int) -> Report:
     """Run one claimed build to its end; the caller exits the process after."""
     pipe = Pipe(report_fd)
@@ -157,6 +171,7 @@ def run(payload: Payload, config: WorkerConfig, drivers: DriverConfig, report_fd
                 reporter=reporter,
                 cancel=cancel,
                 creating=timer.creating,
+                **inputs_and_outputs(build, config),
             )
             status = runner.run()
         finally:

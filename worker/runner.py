@@ -45,13 +45,6 @@ class Reporter(Protocol):
     def build_finished(self, status: str) -> None: ...
 
 
-class Stores(Protocol):
-    """The two stores a build touches (see stores/file.py)."""
-
-    objects: object
-    artifacts: object
-
-
 class JobOutput:
     """A job's output stream: bytes from the driver become safe text.
 

@@ -222,8 +222,10 @@ class Supervisor:
                 os._exit(code)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
+        # Short timeouts get a grace as long as the timeout (at least 5 s).
+        grace = min(BACKSTOP_GRACE, max(self.config.timeout, 5.0))
         child = Child(pid, read_fd, payload,
-                      deadline=time.monotonic() + self.config.timeout + BACKSTOP_GRACE)
+                      deadline=time.monotonic() + self.config.timeout + grace)
         self.children[pid] = child
         self.selector.register(read_fd, selectors.EVENT_READ, lambda: self._read_report(child))
         log.info("build %d: started in process %d", payload.build_id, pid)
@@ -299,7 +301,7 @@ class Supervisor:
         if result.get("status"):
             log.debug("build %d: process %d %s", child.build_id, child.pid, describe_exit(status))
             return
-        how = result.get("error") or f"the build process {describe_exit(status)}"
+        how = result.get("error") or describe_exit(status)
         final = TIMED_OUT if child.backstopped else FAILED
         self._clean_up_after(child)
         line = f"\nThe build process died: {how}\nDone. Run {final}\n"
@@ -325,8 +327,8 @@ class Supervisor:
         for child in self.children.values():
             if child.result is None and not child.backstopped and now >= child.deadline:
                 child.backstopped = True
-                log.error("build %d: process %d is still running %gs past the timeout; killing it",
-                          child.build_id, child.pid, BACKSTOP_GRACE)
+                log.error("build %d: process %d is still running past the timeout; killing it",
+                          child.build_id, child.pid)
                 for pgid in [child.pid] + child.pgids:
                     _signal(-pgid, signal.SIGKILL)
 

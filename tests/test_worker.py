@@ -1,0 +1,280 @@
+"""End to end through the real djinn-worker process, os driver, real PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+
+import pytest
+
+from djinn import processes_with
+
+BOTH = pytest.mark.parametrize("schema", ["dist", "original"], indirect=True)
+
+
+def marker() -> str:
+    """A unique sleep length, so a test can find its own processes in /proc."""
+    return f"{1000 + uuid.uuid4().int % 100000}.{os.getpid()}"
+
+
+@BOTH
+def test_passing_build_writes_every_row(server, make_worker):
+    make_worker()
+    build = server.queue_build([("test", False, [("hello", "echo hello world")])])
+    row = server.wait(build.id)
+    assert row["status"] == "passed", row["output"]
+    assert row["started_at"] <= row["finished_at"]
+    assert row["output"].endswith("Done. Run passed\n")
+    create = server.job(build.jobs["create driver"])
+    assert create["status"] == "passed"
+    assert "Running with OS driver" in create["output"]
+    job = server.job(build.jobs["hello"])
+    assert job["status"] == "passed"
+    assert job["output"] == "+ echo hello world\nhello world\n"
+    assert job["started_at"] <= job["finished_at"]
+    assert "hello world" in row["output"]
+    stages = server.sql("SELECT status FROM build_stages WHERE build_id = %s", build.id)
+    assert {s["status"] for s in stages} == {"passed"}
+
+
+@BOTH
+def test_failing_job_ends_the_build(server, make_worker):
+    make_worker()
+    build = server.queue_build([
+        ("one", False, [("ok", "true"), ("bad", "echo before\nexit 3\necho after"), ("skipped", "true")]),
+        ("two", False, [("never", "echo never")]),
+    ])
+    row = server.wait(build.id)
+    assert row["status"] == "failed"
+    bad = server.job(build.jobs["bad"])
+    assert bad["status"] == "failed"
+    assert "before" in bad["output"] and "+ exit 3" in bad["output"]
+    assert "after" not in bad["output"]
+    for name in ("skipped", "never"):
+        job = server.job(build.jobs[name])
+        assert job["status"] == "failed" and job["output"] is None and job["finished_at"]
+    assert server.job(build.jobs["ok"])["status"] == "passed"
+    assert row["output"].endswith("Done. Run failed\n")
+
+
+@BOTH
+def test_allowed_failure_passes_with_failures(server, make_worker):
+    make_worker()
+    build = server.queue_build([
+        ("flaky", True, [("may-fail", "exit 1"), ("still-runs", "echo yes")]),
+        ("after", False, [("later", "echo later")]),
+    ])
+    row = server.wait(build.id)
+    assert row["status"] == "passed_with_failures"
+    assert server.job(build.jobs["may-fail"])["status"] == "passed_with_failures"
+    assert server.job(build.jobs["still-runs"])["status"] == "passed"
+    assert server.job(build.jobs["later"])["status"] == "passed"
+    assert row["output"].endswith("Done. Run passed_with_failures\n")
+
+
+def test_variables_are_the_jobs_environment(server, make_worker):
+    make_worker()
+    tricky = "spaces and 'quotes' \"double\" a=b $HOME `x`\nsecond line"
+    build = server.queue_build(
+        [("env", False, [("show", 'printf "%s|" "$PLAIN" "$TRICKY" > out\ncat out')])],
+        variables=[("PLAIN", "value"), ("TRICKY", tricky)],
+    )
+    row = server.wait(build.id)
+    assert row["status"] == "passed", row["output"]
+    assert f"value|{tricky}|" in server.job(build.jobs["show"])["output"]
+
+
+def test_stages_and_jobs_run_in_order(server, make_worker):
+    make_worker()
+    stages = [
+        (f"stage-{s}", False, [(f"job-{s}-{j}", f"echo {s}{j} >> ~/order") for j in "abc"])
+        for s in "123"
+    ]
+    stages.append(("check", False, [("check", "cat ~/order | tr -d '\\n'")]))
+    build = server.queue_build(stages)
+    row = server.wait(build.id)
+    assert row["status"] == "passed", row["output"]
+    assert "1a1b1c2a2b2c3a3b3c" in server.job(build.jobs["check"])["output"]
+
+
+def test_binary_and_nul_output_is_stored(server, make_worker):
+    make_worker()
+    build = server.queue_build([("bin", False, [
+        ("bin", "printf 'nul:\\000: bad:\\377\\376: split:\\342\\202\\254\\n'\nhead -c 4096 /dev/urandom"),
+    ])])
+    row = server.wait(build.id)
+    assert row["status"] == "passed", row["output"]
+    output = server.job(build.jobs["bin"])["output"]
+    assert "nul:\u2400: bad:\ufffd\ufffd: split:\u20ac" in output
+
+
+def test_background_processes_die_with_their_job(server, make_worker):
+    make_worker()
+    sleep = marker()
+    build = server.queue_build([("bg", False, [("bg", f"sleep {sleep} &\necho started")])])
+    assert server.wait(build.id)["status"] == "passed"
+    assert processes_with(f"sleep {sleep}") == []
+
+
+def test_timeout_kills_the_whole_job_tree(server, make_worker):
+    make_worker({"timeout": "2s"})
+    sleep = marker()
+    build = server.queue_build([
+        ("slow", False, [("slow", f"sleep {sleep} &\nsleep {sleep}")]),
+        ("next", False, [("next", "echo never")]),
+    ])
+    started = time.monotonic()
+    row = server.wait(build.id, timeout=30)
+    assert row["status"] == "timed_out"
+    assert time.monotonic() - started < 15
+    assert server.job(build.jobs["slow"])["status"] == "timed_out"
+    assert server.job(build.jobs["next"])["status"] == "timed_out"
+    assert row["output"].endswith("Done. Run timed_out\n")
+    assert processes_with(f"sleep {sleep}") == []
+
+
+def test_kill_with_the_secret(server, make_worker, redis_server):
+    make_worker()
+    sleep = marker()
+    build = server.queue_build([("slow", False, [("slow", f"echo waiting\nsleep {sleep}")])])
+    server.wait_job(build.jobs["slow"])
+    client = redis_server.client()
+    client.publish(f"kill-{build.id}", "not the secret")
+    time.sleep(0.5)
+    assert server.build(build.id)["status"] == "running"
+    client.publish(f"kill-{build.id}", build.secret)
+    row = server.wait(build.id, timeout=15)
+    assert row["status"] == "killed"
+    assert server.job(build.jobs["slow"])["status"] == "killed"
+    assert processes_with(f"sleep {sleep}") == []
+
+
+def test_wrong_secret_is_ignored(server, make_worker, redis_server):
+    worker = make_worker()
+    build = server.queue_build([("slow", False, [("slow", "sleep 2")])])
+    server.wait_job(build.jobs["slow"])
+    redis_server.client().publish(f"kill-{build.id}", "guess")
+    assert server.wait(build.id)["status"] == "passed"
+    worker.wait_log("ignored a kill message")
+
+
+def test_child_killed_with_sigkill_fails_the_build(server, make_worker):
+    worker = make_worker()
+    sleep = marker()
+    build = server.queue_build([("slow", False, [("slow", f"sleep {sleep}")])])
+    server.wait_job(build.jobs["slow"])
+    (child,) = worker.children()
+    assert os.getsid(child) == child, "the build child has a session of its own"
+    os.kill(child, signal.SIGKILL)
+    row = server.wait(build.id, timeout=15)
+    assert row["status"] == "failed"
+    assert "The build process died: killed by signal 9 (SIGKILL)" in row["output"]
+    assert server.job(build.jobs["slow"])["status"] == "failed"
+    assert processes_with(f"sleep {sleep}") == []
+    # The worker goes on taking builds.
+    again = server.queue_build()
+    assert server.wait(again.id)["status"] == "passed"
+
+
+def test_backstop_kills_a_child_that_outlives_its_timeout(server, make_worker):
+    worker = make_worker({"timeout": "1s"})
+    build = server.queue_build([("slow", False, [("slow", "sleep 100")])])
+    server.wait_job(build.jobs["slow"])
+    (child,) = worker.children()
+    os.kill(child, signal.SIGSTOP)  # deaf to its own timer
+    row = server.wait(build.id, timeout=30)
+    assert row["status"] == "timed_out"
+    assert "The build process died" in row["output"]
+    worker.wait_log("past the timeout; killing it")
+
+
+def test_bad_payloads_are_dropped_and_the_worker_goes_on(server, make_worker):
+    worker = make_worker()
+    done = server.insert()
+    server.sql("UPDATE builds SET status = 'passed' WHERE id = %s", done.id)
+    for payload in ("not json", "[1, 2]", '{"host": "x"}', '{"build_id": "seven"}',
+                    '{"build_id": 99999999}', f'{{"build_id": {done.id}}}'):
+        server.push(payload)
+    good = server.queue_build()
+    assert server.wait(good.id)["status"] == "passed"
+    log = worker.log
+    assert "not valid JSON" in log
+    assert "no such build" in log
+    assert "the build is already passed" in log
+    assert server.build(done.id)["status"] == "passed"
+    assert worker.proc.poll() is None
+
+
+def test_driver_not_enabled_kills_the_build(server, make_worker):
+    make_worker()
+    build = server.insert(driver={"type": "docker", "image": "x", "workspace": "/w"})
+    server.push(build.id, queue=f"{server.queue}")
+    row = server.wait(build.id)
+    assert row["status"] == "killed"
+    assert "driver docker has not been configured for the worker" in row["output"]
+    assert server.job(build.jobs["create driver"])["status"] == "killed"
+    assert server.job(build.jobs["test"])["status"] == "killed"
+
+
+def test_build_without_driver_row_fails_clearly(server, make_worker):
+    make_worker()
+    build = server.insert()
+    server.sql("DELETE FROM build_drivers WHERE build_id = %s", build.id)
+    server.push(build.id)
+    row = server.wait(build.id)
+    assert row["status"] == "failed"
+    assert f"build {build.id} has no build_drivers row" in row["output"]
+    assert {j["status"] for j in server.jobs(build.id)} == {"failed"}
+
+
+def test_driver_queue_is_popped_too(server, make_worker):
+    make_worker()
+    build = server.insert()
+    server.push(build.id, queue=f"{server.queue}_os")
+    assert server.wait(build.id)["status"] == "passed"
+
+
+def test_parallelism_two_never_runs_a_third(server, make_worker, redis_server):
+    make_worker({"parallelism": 2})
+    builds = [server.queue_build([("slow", False, [("slow", "sleep 3")])]) for _ in range(3)]
+    client = redis_server.client()
+    deadline = time.monotonic() + 10
+    while True:
+        statuses = [server.build(b.id)["status"] for b in builds]
+        if statuses.count("running") == 2:
+            break
+        assert time.monotonic() < deadline, statuses
+        time.sleep(0.05)
+    assert statuses.count("queued") == 1
+    assert client.llen(server.queue) == 1, "the third build stays in Redis for other workers"
+    time.sleep(1)
+    assert [server.build(b.id)["status"] for b in builds].count("running") == 2
+    for b in builds:
+        assert server.wait(b.id)["status"] == "passed"
+
+
+def test_sigterm_lets_running_builds_finish(server, make_worker):
+    worker = make_worker()
+    build = server.queue_build([("slow", False, [("slow", "sleep 2\necho finished")])])
+    server.wait_job(build.jobs["slow"])
+    worker.signal(signal.SIGTERM)
+    waiting = server.queue_build()
+    assert worker.proc.wait(30) == 0
+    assert server.build(build.id)["status"] == "passed"
+    assert server.build(waiting.id)["status"] == "queued", "nothing is popped after SIGTERM"
+    assert worker.log.count("received SIGTERM") == 1
+
+
+def test_second_sigterm_kills_running_builds(server, make_worker):
+    worker = make_worker()
+    sleep = marker()
+    build = server.queue_build([("slow", False, [("slow", f"sleep {sleep}")])])
+    server.wait_job(build.jobs["slow"])
+    worker.signal(signal.SIGTERM)
+    worker.wait_log("received SIGTERM")
+    worker.signal(signal.SIGINT)
+    assert worker.proc.wait(30) == 0
+    assert server.build(build.id)["status"] == "killed"
+    assert processes_with(f"sleep {sleep}") == []
