@@ -44,10 +44,10 @@ def _wait(check, what: str, timeout: float = 30.0) -> None:
 
 
 class Postgres:
-    def __init__(self) -> None:
+    def __init__(self, parent: Path | None = None) -> None:
         bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
         self.bin = Path(bins[-1]) if bins else Path(shutil.which("initdb") or "initdb").parent
-        self.dir = Path(tempfile.mkdtemp(prefix="djinn-test-pg-"))
+        self.dir = Path(tempfile.mkdtemp(prefix="djinn-test-pg-", dir=parent))
         self.port = free_port()
         self.user = None
         self.proc: subprocess.Popen | None = None
@@ -68,7 +68,8 @@ class Postgres:
             [str(self.bin / "postgres"), "-D", str(data), "-p", str(self.port),
              "-k", str(self.dir), "-c", "listen_addresses=127.0.0.1",
              "-c", "fsync=off", "-c", "synchronous_commit=off",
-             "-c", "full_page_writes=off", "-c", "max_connections=200"],
+             "-c", "full_page_writes=off", "-c", "max_connections=200",
+             "-c", "timezone=UTC"],
             user=self.user, stdout=subprocess.DEVNULL, stderr=open(self.dir / "log", "wb"),
         )
         _wait(lambda: self.connect("postgres").close(), "PostgreSQL")
@@ -108,9 +109,9 @@ class Postgres:
 
 
 class Redis:
-    def __init__(self) -> None:
+    def __init__(self, parent: Path | None = None) -> None:
         self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="djinn-test-redis-"))
+        self.dir = Path(tempfile.mkdtemp(prefix="djinn-test-redis-", dir=parent))
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Redis:
