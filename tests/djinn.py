@@ -7,6 +7,7 @@ back. The SQL here is the server's side of the contract, not the worker's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -64,7 +65,7 @@ class Server:
         """A queued build: setup stage with "create driver", then the given stages.
 
         stages: (name, can_fail, [(job name, commands)]); artifacts: job name ->
-        [(source, name)]; objects: (source name, destination, objects.id);
+        [(source, name[, hash])]; objects: (source name, destination, objects.id);
         keys: (name, ciphertext, config, location).
         """
         user_id = user_id or self.user()
@@ -92,11 +93,12 @@ class Server:
                         "VALUES (%s, %s, %s, %s) RETURNING id", bid, sid, job, commands,
                     )[0]["id"]
             for job, pairs in (artifacts or {}).items():
-                for source, name in pairs:
+                for source, name, *hash_ in pairs:
                     build.artifacts[name] = self.sql(
                         "INSERT INTO build_artifacts (user_id, build_id, job_id, hash, source, name) "
                         "VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
-                        user_id, bid, build.jobs[job], uuid.uuid4().hex, source, name,
+                        user_id, bid, build.jobs[job], hash_[0] if hash_ else uuid.uuid4().hex,
+                        source, name,
                     )[0]["id"]
             for key, value in variables:
                 self.sql("INSERT INTO build_variables (build_id, key, value) VALUES (%s, %s, %s)",
@@ -114,6 +116,19 @@ class Server:
                 self.sql("INSERT INTO build_triggers (build_id, type, comment, data) "
                          "VALUES (%s, %s, %s, %s)", bid, trigger[0], trigger[1], json.dumps(trigger[2]))
         return build
+
+    def add_object(self, user_id: int, name: str, data: bytes, store: Path | None) -> int:
+        """An uploaded object: its row, and its file in the store unless store is None."""
+        digest = uuid.uuid4().hex
+        if store is not None:
+            (store / str(user_id)).mkdir(parents=True, exist_ok=True)
+            (store / str(user_id) / digest).write_bytes(data)
+        return self.sql(
+            "INSERT INTO objects (user_id, author_id, hash, name, type, size, md5, sha256) "
+            "VALUES (%s, %s, %s, %s, 'application/octet-stream', %s, %s, %s) RETURNING id",
+            user_id, user_id, digest, name, len(data),
+            psycopg2.Binary(hashlib.md5(data).digest()), psycopg2.Binary(hashlib.sha256(data).digest()),
+        )[0]["id"]
 
     def push(self, build_id, host: str = "https://ci.example.com", queue: str | None = None) -> None:
         payload = build_id if isinstance(build_id, (str, bytes)) else json.dumps(
