@@ -10,6 +10,9 @@ import pytest
 from djinn import Server, Worker
 from services import DIST_SCHEMA, ORIGINAL_SCHEMA, Postgres, Redis
 
+# The SMTP server fixtures (smtp_server, smtp_tls_server, smtp_auth_server).
+pytest_plugins = ["smtpserver"]
+
 SCHEMAS = {
     "dist": (DIST_SCHEMA, ""),
     "original": (ORIGINAL_SCHEMA, "ALTER TYPE driver_type ADD VALUE 'os'"),

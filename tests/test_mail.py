@@ -11,9 +11,6 @@ from smtpserver import (
     SMTPServer,
     free_port,
     make_certificates,
-    smtp_auth_server,
-    smtp_server,
-    smtp_tls_server,
 )
 
 from djinn_worker.config import SMTPConfig

@@ -14,21 +14,25 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 from dataclasses import dataclass
 
 from .cancel import BuildTimer, Cancel
 from .config import DriverConfig, WorkerConfig
-from .model import FAILED, KILLED, Artifact, Build, Job, Object, Stage
+from .model import FAILED, KILLED, TIMED_OUT, Artifact, Build, Job, Object, Stage
 from .queue import KillWatcher, Payload
 from .runner import DriverNotEnabled, Runner
-from . import db
+from . import db, mail
 from djinn_worker.stores.file import FileStore
 
 log = logging.getLogger(__name__)
 
 # Live output reaches the database at most this long after it was printed.
 FLUSH_INTERVAL = 0.25
+# Connecting to and talking with the mail server, per attempt.
+MAIL_TIMEOUT = 30.0
+MAILED = (FAILED, KILLED, TIMED_OUT)
 
 
 @dataclass
@@ -131,6 +135,11 @@ def make_driver(build: Build, config: WorkerConfig, drivers: DriverConfig, pipe:
     if kind == "os":
         from djinn_worker.drivers.local import OSDriver
         return OSDriver(build.id, pipe)
+    if kind == "docker":
+        # Containers and volumes are found by label if this process dies, so
+        # the docker driver needs no Tracker.
+        from djinn_worker.drivers.docker import DockerDriver, worker_identity
+        return DockerDriver(build.id, build.driver, drivers.docker, worker_identity(config.queue))
     raise DriverNotEnabled(f"driver {kind} is not supported by this worker")
 
 
@@ -182,6 +191,31 @@ def run(payload: Payload, config: WorkerConfig, drivers: DriverConfig, report_fd
         conn.close()
 
 
+def notify(config: WorkerConfig, payload: Payload, status: str) -> None:
+    """Mail the people of a build that did not pass; never changes its outcome.
+
+    Runs after the final status is committed and reported, on a connection
+    of its own, so a slow or absent mail server delays nothing but this
+    process's exit.
+    """
+    if not config.smtp.enabled or status not in MAILED:
+        return
+    try:
+        conn = db.connect(config.database, application="djinn-worker mail")
+        try:
+            notice = db.failure_notice(conn, payload.build_id, status, payload.host)
+        finally:
+            conn.close()
+        sender = config.smtp.admin or f"djinn-worker@{socket.gethostname()}"
+        mail.send(config.smtp, mail.compose(notice, sender), timeout=MAIL_TIMEOUT)
+    except mail.MailError as exc:
+        log.error("build %s: no failure mail sent: %s", payload.build_id, exc)
+    except Exception as exc:
+        log.exception("build %s: no failure mail sent: %s", payload.build_id, exc)
+    else:
+        log.info("build %s: failure mail sent to %s", payload.build_id, ", ".join(notice.recipients))
+
+
 def main(payload: Payload, config: WorkerConfig, drivers: DriverConfig, report_fd: int) -> int:
     """Entry point in the forked child; returns the exit status for os._exit."""
     os.setsid()
@@ -194,4 +228,5 @@ def main(payload: Payload, config: WorkerConfig, drivers: DriverConfig, report_f
         return 1
     log.info("build %s: finished %s", report.build_id, report.status)
     pipe.send(build_id=report.build_id, status=report.status, error=report.error)
+    notify(config, payload, report.status)
     return 0

@@ -11,6 +11,7 @@ import psycopg2
 import psycopg2.extensions
 
 from .config import DatabaseConfig
+from .mail import FailureNotice, Trigger
 from .model import (
     FAILED, RUNNING, Artifact, Build, Job, Key, Object, Stage,
 )
@@ -207,3 +208,28 @@ def abandon_build(conn: Connection, build_id: int, status: str = FAILED, line: s
                 (status, build_id),
             )
     return True
+
+
+def failure_notice(conn: Connection, build_id: int, status: str, host: str) -> FailureNotice:
+    """What the failure mail says: owner first, then the namespace's collaborators."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT b.number, b.namespace_id, b.output, u.username, u.email "
+            "FROM builds b JOIN users u ON u.id = b.user_id WHERE b.id = %s",
+            (build_id,),
+        )
+        number, namespace_id, output, username, email = cur.fetchone()
+        cur.execute(
+            "SELECT u.email FROM namespace_collaborators c JOIN users u ON u.id = c.user_id "
+            "WHERE c.namespace_id = %s ORDER BY c.id",
+            (namespace_id,),
+        )
+        recipients = [email] + [row[0] for row in cur.fetchall()]
+        cur.execute(
+            "SELECT type, comment, data FROM build_triggers WHERE build_id = %s ORDER BY id LIMIT 1",
+            (build_id,),
+        )
+        row = cur.fetchone()
+    trigger = Trigger(row[0], row[1] or "", row[2] or {}) if row else None
+    return FailureNotice(build_id, number, status, host, username, email, recipients, trigger,
+                         output or "")
