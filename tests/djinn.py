@@ -151,24 +151,21 @@ class Server:
 
     def wait(self, build_id: int, statuses=FINISHED, timeout: float = 30.0) -> dict:
         """Poll until the build reaches one of statuses (tests may poll; the worker doesn't)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            row = self.build(build_id)
-            if row["status"] in statuses:
-                return row
-            if time.monotonic() > deadline:
-                raise AssertionError(f"build {build_id} still {row['status']} after {timeout}s:\n{row['output']}")
-            time.sleep(0.05)
+        return _poll(lambda: self.build(build_id), statuses, timeout, f"build {build_id}")
 
     def wait_job(self, job_id: int, statuses=("running",), timeout: float = 30.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            row = self.job(job_id)
-            if row["status"] in statuses:
-                return row
-            if time.monotonic() > deadline:
-                raise AssertionError(f"job {job_id} still {row['status']} after {timeout}s")
-            time.sleep(0.05)
+        return _poll(lambda: self.job(job_id), statuses, timeout, f"job {job_id}")
+
+
+def _poll(fetch, statuses, timeout: float, what: str) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        row = fetch()
+        if row["status"] in statuses:
+            return row
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} still {row['status']} after {timeout}s:\n{row['output']}")
+        time.sleep(0.05)
 
 
 def toml_value(value) -> str:
