@@ -16,3 +16,47 @@ test:
 bench:
 	scripts/setup demo
 	$(VENV)/bin/python bench/dispatch.py
+
+# `make install` puts the worker in a virtualenv of its own and links the
+# command into $(PREFIX)/bin. The virtualenv is made at its final path:
+# with DESTDIR its scripts name the DESTDIR tree, so a DESTDIR install runs
+# where it was made but cannot be moved (install again without DESTDIR).
+# Existing configs are kept; `make uninstall` keeps configs, stores and logs.
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+LIBDIR ?= $(PREFIX)/lib/djinn-worker
+UNITDIR ?= /etc/systemd/system
+PYTHON ?= python3
+# The dist files name the default command path; installs elsewhere fix it.
+FIX_BIN = sed 's|/usr/local/bin/djinn-worker|$(BINDIR)/djinn-worker|g'
+
+.PHONY: install uninstall
+
+# ./build is setuptools' scratch space: emptied first, so that modules an
+# older checkout left there are not installed.
+install:
+	$(PYTHON) -m venv "$(DESTDIR)$(LIBDIR)"
+	rm -rf build
+	"$(DESTDIR)$(LIBDIR)/bin/pip" install --quiet --disable-pip-version-check .
+	install -d "$(DESTDIR)$(BINDIR)"
+	ln -sfn "$(LIBDIR)/bin/djinn-worker" "$(DESTDIR)$(BINDIR)/djinn-worker"
+	install -d -m 0755 "$(DESTDIR)/etc/djinn"
+	for f in worker.toml driver.toml; do \
+		[ -e "$(DESTDIR)/etc/djinn/$$f" ] || \
+			install -m 0640 "dist/$$f" "$(DESTDIR)/etc/djinn/$$f" || exit 1; \
+	done
+	install -d "$(DESTDIR)/etc/init.d" "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)/etc/logrotate.d"
+	$(FIX_BIN) dist/sysvinit/djinn-worker > "$(DESTDIR)/etc/init.d/djinn-worker"
+	chmod 0755 "$(DESTDIR)/etc/init.d/djinn-worker"
+	$(FIX_BIN) dist/systemd/djinn-worker.service > "$(DESTDIR)$(UNITDIR)/djinn-worker.service"
+	chmod 0644 "$(DESTDIR)$(UNITDIR)/djinn-worker.service"
+	install -m 0644 dist/logrotate/djinn-worker "$(DESTDIR)/etc/logrotate.d/djinn-worker"
+	install -d "$(DESTDIR)/var/lib/djinn/images" "$(DESTDIR)/var/lib/djinn/artifacts" \
+		"$(DESTDIR)/var/lib/djinn/objects" "$(DESTDIR)/var/log/djinn"
+
+uninstall:
+	rm -rf "$(DESTDIR)$(LIBDIR)"
+	rm -f "$(DESTDIR)$(BINDIR)/djinn-worker" \
+		"$(DESTDIR)/etc/init.d/djinn-worker" \
+		"$(DESTDIR)$(UNITDIR)/djinn-worker.service" \
+		"$(DESTDIR)/etc/logrotate.d/djinn-worker"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -148,3 +150,16 @@ def test_refused_recipient_and_bad_certificate_are_logged(server, make_worker, p
         assert server.wait(build.id)["status"] == "failed"
         worker.wait_log(f"build {build.id}: no failure mail sent: SMTP server {smtp.addr}: TLS certificate verify failed")
         assert smtp.received == []
+
+
+def test_build_whose_process_died_is_mailed_by_the_supervisor(server, make_worker, smtp_server, people):
+    owner, _, _ = people
+    worker = make_worker(mail_config(smtp_server))
+    build = server.queue_build([("slow", False, [("slow", "sleep 60")])], user_id=owner)
+    server.wait_job(build.jobs["slow"])
+    (child,) = worker.children()
+    os.kill(child, signal.SIGKILL)
+    assert server.wait(build.id)["status"] == "failed"
+    (mail,) = smtp_server.wait_for(1, timeout=30)
+    assert mail.message["Subject"] == f"Djinn - Build #{build.id} failed"
+    assert "The build process died: killed by signal 9" in mail.message.get_content()

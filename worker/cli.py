@@ -1,12 +1,14 @@
 """The djinn-worker command: flags, logging, start-up checks, exit codes.
 
 Exit status 2 means the configuration is wrong (nothing was touched), 1 that
-a service could not be reached at start-up, 0 a clean stop.
+a service could not be reached at start-up, 3 that another worker holds the
+pidfile, 0 a clean stop.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 
@@ -15,9 +17,11 @@ import redis
 
 from . import __version__
 from .config import ConfigError, DriverConfig, LogConfig, WorkerConfig, load_drivers, load_worker
+from .daemon import AlreadyRunning, Daemon, PidFile
 
 EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 1
+EXIT_RUNNING = 3
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "error": logging.ERROR}
 _FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(message)s"
@@ -33,6 +37,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="worker configuration file (default: %(default)s)")
     parser.add_argument("-driver", "--driver", default="djinn-driver.toml",
                         help="driver configuration file (default: %(default)s)")
+    parser.add_argument("-daemon", "--daemon", action="store_true",
+                        help="detach and run in the background (log.file must be a file)")
+    parser.add_argument("-pidfile", "--pidfile", metavar="PATH",
+                        help="write the pid to PATH and hold it locked while running")
     parser.add_argument("-version", "--version", action="store_true",
                         help="print the version and exit")
     return parser.parse_args(argv)
@@ -43,6 +51,9 @@ def load(args: argparse.Namespace) -> tuple[WorkerConfig, DriverConfig]:
     from djinn_worker.stores.file import FileStore, StoreError
 
     config = load_worker(args.config)
+    if args.daemon and config.log.file == "/dev/stdout":
+        raise ConfigError(config.path, "log.file",
+                          "-daemon closes standard output: set log.file to a file")
     drivers = load_drivers(args.driver, config)
     for name in ("images", "artifacts", "objects"):
         store = getattr(config, name)
@@ -68,6 +79,53 @@ def setup_logging(config: LogConfig) -> logging.Handler:
     return handler
 
 
+def reopen_log(handler: logging.FileHandler) -> None:
+    """Write to a fresh file at log.file (on SIGHUP, after logrotate renamed it)."""
+    try:
+        stream = open(handler.baseFilename, "a", encoding=handler.encoding)
+    except OSError as exc:
+        logging.error("cannot reopen the log file %s: %s; still writing to the old one",
+                      handler.baseFilename, exc.strerror)
+        return
+    handler.setStream(stream).close()
+    logging.info("log file reopened")
+
+
+def serve(config: WorkerConfig, drivers: DriverConfig, handler: logging.Handler,
+          daemon: Daemon | None) -> int:
+    """Run the supervisor; a start-up failure is logged and, for a daemon, told to its starter."""
+    from .supervisor import Supervisor
+
+    hangup = functools.partial(reopen_log, handler) if isinstance(handler, logging.FileHandler) else None
+    try:
+        return Supervisor(config, drivers, on_hangup=hangup,
+                          on_ready=daemon.ready if daemon else None).run()
+    except psycopg2.OperationalError as exc:
+        problem = f"cannot connect to the database at {config.database.addr}: {str(exc).strip()}"
+    except redis.RedisError as exc:
+        problem = f"cannot connect to redis at {config.redis.addr}: {exc}"
+    except Exception as exc:
+        # A daemon's stderr is /dev/null: the log is the only place left.
+        logging.exception("djinn-worker stopped on an unexpected error")
+        if daemon:
+            daemon.failed(f"stopped on an unexpected error: {exc!r}; the traceback is in the log")
+        raise
+    logging.error("%s", problem)
+    if daemon:
+        daemon.failed(problem)
+    return EXIT_UNAVAILABLE
+
+
+def lock_pidfile(path: str) -> PidFile:
+    """Take the pidfile before detaching, so that a refusal reaches the terminal."""
+    pidfile = PidFile(path)
+    stale = pidfile.acquire()
+    if stale:
+        logging.info("replacing the stale pidfile %s of process %d, which is no longer running",
+                     pidfile.path, stale)
+    return pidfile
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.version:
@@ -75,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config, drivers = load(args)
-        setup_logging(config.log)
+        handler = setup_logging(config.log)
     except ConfigError as exc:
         print(f"djinn-worker: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -84,15 +142,29 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_CONFIG
 
-    from .supervisor import Supervisor
-
+    pidfile = None
+    if args.pidfile:
+        try:
+            pidfile = lock_pidfile(args.pidfile)
+        except AlreadyRunning as exc:
+            print(f"djinn-worker: {exc}", file=sys.stderr)
+            return EXIT_RUNNING
+        except OSError as exc:
+            print(f"djinn-worker: -pidfile {args.pidfile}: {exc.strerror}", file=sys.stderr)
+            return EXIT_CONFIG
     try:
-        return Supervisor(config, drivers).run()
-    except psycopg2.OperationalError as exc:
-        logging.error("cannot connect to the database at %s: %s", config.database.addr, str(exc).strip())
-    except redis.RedisError as exc:
-        logging.error("cannot connect to redis at %s: %s", config.redis.addr, exc)
-    return EXIT_UNAVAILABLE
+        daemon = None
+        if args.daemon:
+            daemon = Daemon(pidfile, preserve=[handler.stream])
+            status = daemon.detach()
+            if status is not None:
+                return status
+        elif pidfile:
+            pidfile.write()
+        return serve(config, drivers, handler, daemon)
+    finally:
+        if pidfile:
+            pidfile.release()
 
 
 if __name__ == "__main__":

@@ -63,9 +63,12 @@ def describe_exit(status: int) -> str:
 
 class Supervisor:
     def __init__(self, config: WorkerConfig, drivers: DriverConfig,
-                 on_hangup: Callable[[], None] | None = None):
+                 on_hangup: Callable[[], None] | None = None,
+                 on_ready: Callable[[], None] | None = None):
+        # on_ready runs once PostgreSQL and Redis have answered: a daemon's
+        # starting command waits for it to know the start worked.
         self.config, self.drivers = config, drivers
-        self.on_hangup = on_hangup
+        self.on_hangup, self.on_ready = on_hangup, on_ready
         self.children: dict[int, Child] = {}
         self.selector = selectors.DefaultSelector()
         self.stopping = False
@@ -84,11 +87,14 @@ class Supervisor:
         self.conn = db.connect(self.config.database, application="djinn-worker")
         self.popper = Popper(self.config.redis, self.config.queues)
         self.popper.client.ping()
+        self._remove_docker_leftovers()
         log.info(
             "djinn-worker %s started (pid %d): popping %s; drivers %s; %d build(s) at once; timeout %gs",
             __version__, os.getpid(), ", ".join(self.config.queues),
             ", ".join(self.config.drivers), self.config.slots, self.config.timeout,
         )
+        if self.on_ready:
+            self.on_ready()
         while not (self.stopping and not self.children and not self.popper.pending):
             self._pop_if_free()
             for key, _ in self.selector.select(self._wait_time()):
@@ -117,8 +123,9 @@ class Supervisor:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self._shutdown(signal.Signals(signum).name)
             elif signum == signal.SIGHUP and self.on_hangup:
+                # Said before the reopen, so it ends the rotated file.
+                log.info("received SIGHUP: reopening the log file")
                 self.on_hangup()
-                log.info("received SIGHUP: log file reopened")
 
     def _shutdown(self, name: str) -> None:
         if not self.stopping:
@@ -314,13 +321,39 @@ class Supervisor:
                       child.build_id, str(exc).strip())
             return
         log.error("build %d: %s; marked %s", child.build_id, how, final)
+        self._mail_in_background(child.payload, final)
+
+    def _mail_in_background(self, payload: Payload, status: str) -> None:
+        """Failure mail for a build whose own process could not send it.
+
+        Sent from a short-lived fork so that a slow mail server never stalls
+        the event loop; the reaper ignores the process like any stranger.
+        """
+        if not self.config.smtp.enabled:
+            return
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                self._become_child()
+                build.notify(self.config, payload, status)
+                code = 0
+            finally:
+                os._exit(code)
 
     def _clean_up_after(self, child: Child) -> None:
-        """Remove what a child that died left: its jobs' processes and its files."""
+        """Remove what a child that died left: its jobs' processes, files and containers."""
         for pgid in [child.pid] + child.pgids:
             _signal(-pgid, signal.SIGKILL)
         for path in child.paths:
             shutil.rmtree(path, ignore_errors=True)
+        self._remove_docker_leftovers(child.build_id)
+
+    def _remove_docker_leftovers(self, build_id: int | None = None) -> None:
+        """Containers and volumes of one dead build, or at start of every earlier one."""
+        if "docker" in self.config.drivers:
+            from djinn_worker.drivers.docker import remove_leftovers, worker_identity
+            remove_leftovers(self.drivers.docker, worker_identity(self.config.queue), build_id)
 
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
