@@ -23,7 +23,6 @@ import posixpath
 import queue
 import secrets
 import shutil
-import socket
 import tarfile
 import tempfile
 import threading
@@ -52,15 +51,6 @@ API_TIMEOUT = 60
 KILL_TIMEOUT = 10
 _CHUNK = 64 * 1024
 _ENGINE_ERRORS = (DockerException, RequestException)
-
-
-def worker_identity(queue_name: str) -> str:
-    """The label value that tells this worker's containers from other workers'.
-
-    It must be the same after a restart (so leftovers are found) and differ
-    between workers sharing an engine: the host name and the queue do both.
-    """
-    return f"{socket.gethostname()}:{queue_name}"
 
 
 def remove_leftovers(config: DockerConfig, identity: str, build_id: int | None = None) -> None:

@@ -19,12 +19,17 @@ import docker
 import pytest
 
 from djinn_worker.crypto import BlockCipher
-from djinn_worker.drivers.docker import LABEL_BUILD, LABEL_WORKER, worker_identity
+from djinn_worker.drivers.docker import LABEL_BUILD, LABEL_WORKER
 from docker_image import busybox_image
 
 ENGINE = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
 WORKSPACE = "/go"
 BLOCK = "0123456789abcdef"
+
+
+def identity(queue: str) -> str:
+    """The worker identity djinn-worker labels its containers with (WorkerConfig.identity)."""
+    return f"{socket.gethostname()}:{queue}"
 
 
 def _connect() -> docker.DockerClient:
@@ -63,7 +68,7 @@ def start(make_worker):
 
 
 def _labels(server, build_id: int | None) -> dict:
-    labels = [f"{LABEL_WORKER}={worker_identity(server.queue)}"]
+    labels = [f"{LABEL_WORKER}={identity(server.queue)}"]
     if build_id is not None:
         labels.append(f"{LABEL_BUILD}={build_id}")
     return {"label": labels}
@@ -382,7 +387,7 @@ def test_supervisor_removes_what_a_killed_child_left(server, start, driver):
 
 
 def test_leftovers_are_removed_at_start(server, start, image):
-    mine = {LABEL_WORKER: worker_identity(server.queue), LABEL_BUILD: "999999999"}
+    mine = {LABEL_WORKER: identity(server.queue), LABEL_BUILD: "999999999"}
     other = {LABEL_WORKER: f"another-host:{server.queue}", LABEL_BUILD: "999999999"}
     volume = ENGINE_CLIENT.volumes.create(f"djinn-test-{uuid.uuid4().hex[:8]}", labels=mine)
     left = ENGINE_CLIENT.containers.create(image, ["sleep", "600"], labels=mine,
@@ -393,6 +398,6 @@ def test_leftovers_are_removed_at_start(server, start, image):
         worker = start()
         assert leftovers(server) == []
         assert ENGINE_CLIENT.containers.get(foreign.id), "other workers' containers are left alone"
-        worker.wait_log(f"removed leftovers of worker {worker_identity(server.queue)}")
+        worker.wait_log(f"removed leftovers of worker {identity(server.queue)}")
     finally:
         foreign.remove(force=True)

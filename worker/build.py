@@ -19,12 +19,13 @@ import threading
 from dataclasses import dataclass
 
 from .cancel import BuildTimer, Cancel
-from .config import DriverConfig, WorkerConfig
+from .config import DriverConfig, WorkerConfig, host_arch
 from .model import FAILED, KILLED, TIMED_OUT, Artifact, Build, Job, Object, Stage
 from .queue import KillWatcher, Payload
 from .runner import DriverNotEnabled, Runner
 from . import db, mail
-from djinn_worker.stores.file import FileStore
+from djinn_worker.drivers.base import DriverError
+from djinn_worker.stores.file import FileStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,8 @@ class DatabaseReporter:
         self.flush()
 
 
-def make_driver(build: Build, config: WorkerConfig, drivers: DriverConfig, pipe: Pipe):
+def make_driver(build: Build, config: WorkerConfig, drivers: DriverConfig, pipe: Pipe,
+                conn: db.Connection):
     """Import only the driver this build uses: a child pays for nothing else."""
     kind = build.driver_type
     if kind not in config.drivers:
@@ -138,9 +140,42 @@ def make_driver(build: Build, config: WorkerConfig, drivers: DriverConfig, pipe:
     if kind == "docker":
         # Containers and volumes are found by label if this process dies, so
         # the docker driver needs no Tracker.
-        from djinn_worker.drivers.docker import DockerDriver, worker_identity
-        return DockerDriver(build.id, build.driver, drivers.docker, worker_identity(config.queue))
+        from djinn_worker.drivers.docker import DockerDriver
+        return DockerDriver(build.id, build.driver, drivers.docker, config.identity)
+    if kind == "ssh":
+        from djinn_worker.drivers.ssh import SSHDriver
+        address = build.driver.get("address") or build.driver.get("addr")
+        if not isinstance(address, str) or not address:
+            raise DriverError("the ssh driver needs an address (host:port) in the manifest")
+        ssh = drivers.ssh
+        # Nothing of an ssh build lives on this host: no Tracker needed.
+        return SSHDriver(build.id, address, ssh.user, ssh.password, ssh.timeout)
+    if kind == "qemu":
+        from djinn_worker.drivers.qemu import QemuDriver
+        image = build.driver.get("image")
+        qemu = drivers.qemu
+        return QemuDriver(
+            build.id, image if isinstance(image, str) else "", host_arch(), qemu.cpus,
+            qemu.memory, qemu.accel, lambda name: qemu_image(conn, build, config, drivers, name),
+            pipe,
+        )
     raise DriverNotEnabled(f"driver {kind} is not supported by this worker")
+
+
+def qemu_image(conn: db.Connection, build: Build, config: WorkerConfig, drivers: DriverConfig,
+               name: str) -> str | None:
+    """The path a build's image name means: an image uploaded to the build's
+    namespace (or, without one, by its user), else a base image for this
+    host's architecture. The stores refuse paths that would leave them."""
+    found = db.find_image(conn, build.user_id, build.namespace_id, "qemu", name)
+    try:
+        if found:
+            owner, key = found
+            return FileStore("images", os.path.join(config.images.path, "qemu")).path(owner, key)
+        return FileStore("qemu disks", drivers.qemu.disks).resolve("_base", host_arch(), name)
+    except StoreError as exc:
+        log.warning("build %s: image %s: %s", build.id, name, exc)
+        return None
 
 
 def inputs_and_outputs(build: Build, config: WorkerConfig) -> dict:
@@ -176,7 +211,7 @@ def run(payload: Payload, config: WorkerConfig, drivers: DriverConfig, report_fd
             reporter = DatabaseReporter(conn, build)
             runner = Runner(
                 build,
-                make_driver=lambda: make_driver(build, config, drivers, pipe),
+                make_driver=lambda: make_driver(build, config, drivers, pipe, conn),
                 reporter=reporter,
                 cancel=cancel,
                 creating=timer.creating,

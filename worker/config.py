@@ -8,6 +8,7 @@ the middle of a build. Each error names the file, the key and what is wrong.
 from __future__ import annotations
 
 import os
+import socket
 import platform
 import re
 import tomllib
@@ -135,6 +136,16 @@ class WorkerConfig:
     @property
     def slots(self) -> int:
         return self.parallelism or os.cpu_count() or 1
+
+    @property
+    def identity(self) -> str:
+        """What tells this worker's builds and containers from other workers'.
+
+        The same after a restart, so that leftovers are found, and different
+        for workers that share a host or an engine as long as their host
+        names or queues differ.
+        """
+        return f"{socket.gethostname()}:{self.queue}"
 
 
 @dataclass(frozen=True)

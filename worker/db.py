@@ -137,6 +137,24 @@ def load_build(conn: Connection, build_id: int) -> Build:
     return build
 
 
+def find_image(conn: Connection, user_id: int, namespace_id: int | None, driver: str,
+               name: str) -> tuple[int, str] | None:
+    """(owner's user id, hash) of the image a build names, or None.
+
+    A build in a namespace uses that namespace's images, any other build its
+    user's, as the original worker looks them up; the newest wins a tie.
+    """
+    column = "namespace_id" if namespace_id is not None else "user_id"
+    with conn.cursor() as cur:
+        cur.execute(
+            f"SELECT user_id, hash FROM images WHERE {column} = %s AND driver = %s "
+            "AND name = %s ORDER BY id DESC LIMIT 1",
+            (namespace_id if namespace_id is not None else user_id, driver, name),
+        )
+        row = cur.fetchone()
+    return (row[0], row[1]) if row else None
+
+
 def _execute(conn: Connection, sql: str, args: tuple) -> None:
     with conn.cursor() as cur:
         cur.execute(sql, args)

@@ -352,8 +352,8 @@ class Supervisor:
     def _remove_docker_leftovers(self, build_id: int | None = None) -> None:
         """Containers and volumes of one dead build, or at start of every earlier one."""
         if "docker" in self.config.drivers:
-            from djinn_worker.drivers.docker import remove_leftovers, worker_identity
-            remove_leftovers(self.drivers.docker, worker_identity(self.config.queue), build_id)
+            from djinn_worker.drivers.docker import remove_leftovers
+            remove_leftovers(self.drivers.docker, self.config.identity, build_id)
 
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
