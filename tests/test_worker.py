@@ -278,3 +278,37 @@ def test_second_sigterm_kills_running_builds(server, make_worker):
     assert worker.proc.wait(30) == 0
     assert server.build(build.id)["status"] == "killed"
     assert processes_with(f"sleep {sleep}") == []
+
+
+def test_restart_fails_builds_whose_processes_died_with_the_worker(server, make_worker):
+    """A reboot or OOM takes supervisor and build process: the next start cleans up."""
+    worker = make_worker()
+    sleep = marker()
+    build = server.queue_build([("slow", False, [("slow", f"sleep {sleep}")])])
+    server.wait_job(build.jobs["slow"])
+    (child,) = worker.children()
+    worker.proc.kill()
+    os.killpg(child, signal.SIGKILL)
+    worker.proc.wait()
+    for line in processes_with(f"sleep {sleep}"):
+        os.kill(int(line.split(":")[0]), signal.SIGKILL)
+    assert server.build(build.id)["status"] == "running"
+
+    again = make_worker()
+    row = server.wait(build.id, timeout=15)
+    assert row["status"] == "failed"
+    assert row["output"].endswith("The worker stopped while this build was running\nDone. Run failed\n")
+    assert server.job(build.jobs["slow"])["status"] == "failed"
+    again.wait_log(f"build {build.id}: left running by an earlier start of this worker; marked failed")
+    assert server.wait(server.queue_build().id)["status"] == "passed"
+
+
+def test_restart_leaves_builds_that_outlived_the_worker_to_their_process(server, make_worker):
+    worker = make_worker()
+    build = server.queue_build([("slow", False, [("slow", "sleep 3")])])
+    server.wait_job(build.jobs["slow"])
+    worker.proc.kill()
+    worker.proc.wait()
+    again = make_worker()
+    again.wait_log(f"build {build.id}: still run by a process of an earlier start")
+    assert server.wait(build.id)["status"] == "passed"

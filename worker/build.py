@@ -199,6 +199,7 @@ def run(payload: Payload, config: WorkerConfig, drivers: DriverConfig, report_fd
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     timer = BuildTimer(config.timeout, cancel)
     conn = db.connect(config.database, application="djinn-worker build")
+    db.hold_build_lock(conn, payload.build_id)
     try:
         try:
             build = db.load_build(conn, payload.build_id)

@@ -212,20 +212,51 @@ def abandon_build(conn: Connection, build_id: int, status: str = FAILED, line: s
     with the same status. Returns False when the build was no longer running.
     """
     with conn, conn.cursor() as cur:
+        return _abandon(cur, build_id, status, line)
+
+
+def _abandon(cur, build_id: int, status: str, line: str) -> bool:
+    cur.execute(
+        "UPDATE builds SET status = %s, finished_at = NOW(), "
+        "output = COALESCE(output, '') || %s WHERE id = %s AND status = %s RETURNING id",
+        (status, line, build_id, RUNNING),
+    )
+    if cur.fetchone() is None:
+        return False
+    for table in ("build_jobs", "build_stages"):
         cur.execute(
-            "UPDATE builds SET status = %s, finished_at = NOW(), "
-            "output = COALESCE(output, '') || %s WHERE id = %s AND status = %s RETURNING id",
-            (status, line, build_id, RUNNING),
+            f"UPDATE {table} SET status = %s, finished_at = NOW() "
+            "WHERE build_id = %s AND status IN ('queued', 'running')",
+            (status, build_id),
         )
-        if cur.fetchone() is None:
-            return False
-        for table in ("build_jobs", "build_stages"):
-            cur.execute(
-                f"UPDATE {table} SET status = %s, finished_at = NOW() "
-                "WHERE build_id = %s AND status IN ('queued', 'running')",
-                (status, build_id),
-            )
     return True
+
+
+# The advisory lock space of build processes ("djin"), apart from any lock
+# the server may take.
+_BUILD_LOCKS = 0x646A696E
+
+
+def hold_build_lock(conn: Connection, build_id: int) -> None:
+    """Held by a build process for as long as its connection lives.
+
+    PostgreSQL drops the lock when the process dies, whatever kills it, so
+    the lock says whether anybody is still running the build.
+    """
+    _execute(conn, "SELECT pg_advisory_lock(%s, %s)", (_BUILD_LOCKS, build_id))
+
+
+def abandon_orphan(conn: Connection, build_id: int, line: str) -> str:
+    """Fail a build left running by a worker that is gone: 'failed', or why not.
+
+    Returns 'running' while a build process still holds the build's lock
+    (it will finish the build itself) and 'finished' when it already ended.
+    """
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", (_BUILD_LOCKS, build_id))
+        if not cur.fetchone()[0]:
+            return RUNNING
+        return FAILED if _abandon(cur, build_id, FAILED, line) else "finished"
 
 
 def failure_notice(conn: Connection, build_id: int, status: str, host: str) -> FailureNotice:

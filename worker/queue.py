@@ -74,6 +74,37 @@ def push(client: redis.Redis, queue: str, payload: str) -> None:
     client.lpush(queue, payload)
 
 
+def claims_key(identity: str) -> str:
+    return f"djinn-worker:{identity}:claimed"
+
+
+class Claims:
+    """The payloads of builds this worker claimed and has not seen end, in Redis.
+
+    A worker whose host rebooted, or whose build processes died with it,
+    leaves those builds `running` with nobody to finish them; the set tells
+    the next start of the same worker which builds to look at.
+    """
+
+    def __init__(self, client: redis.Redis, identity: str):
+        self.client, self.key = client, claims_key(identity)
+
+    def add(self, payload: Payload) -> None:
+        self.client.hset(self.key, str(payload.build_id), encode_payload(payload.build_id, payload.host))
+
+    def remove(self, build_id: int) -> None:
+        self.client.hdel(self.key, str(build_id))
+
+    def payloads(self) -> list[Payload]:
+        found = []
+        for raw in self.client.hvals(self.key):
+            try:
+                found.append(parse_payload(raw))
+            except PayloadError:
+                log.error("ignored %r in %s: not a payload", raw[:200], self.key)
+        return sorted(found, key=lambda p: p.build_id)
+
+
 class Popper:
     """A BRPOP that the supervisor's event loop can wait on like any file.
 

@@ -24,8 +24,8 @@ import redis
 
 from . import __version__, build, db
 from .config import DriverConfig, WorkerConfig
-from .model import FAILED, TIMED_OUT
-from .queue import Payload, PayloadError, Popper, parse_payload
+from .model import FAILED, RUNNING, TIMED_OUT
+from .queue import Claims, Payload, PayloadError, Popper, parse_payload
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,8 @@ class Supervisor:
         self.conn = db.connect(self.config.database, application="djinn-worker")
         self.popper = Popper(self.config.redis, self.config.queues)
         self.popper.client.ping()
+        self.claims = Claims(self.popper.client, self.config.identity)
+        self._recover()
         self._remove_docker_leftovers()
         log.info(
             "djinn-worker %s started (pid %d): popping %s; drivers %s; %d build(s) at once; timeout %gs",
@@ -203,7 +205,31 @@ class Supervisor:
         if refusal:
             log.error("dropped build %d from %s: %s", payload.build_id, queue, refusal)
             return
+        try:
+            self.claims.add(payload)
+        except redis.RedisError as exc:
+            log.error("build %d: not noted for recovery after a crash: %s", payload.build_id, exc)
         self._fork(payload)
+
+    def _recover(self) -> None:
+        """Fail the builds an earlier start of this worker claimed that nobody runs now.
+
+        A build process that outlived its supervisor still holds its build's
+        lock and finishes the build itself; only builds whose processes are
+        gone too (a reboot, the OOM killer) are failed here.
+        """
+        line = "\nThe worker stopped while this build was running\nDone. Run failed\n"
+        for payload in self.claims.payloads():
+            outcome = db.abandon_orphan(self.conn, payload.build_id, line)
+            if outcome == RUNNING:
+                log.info("build %d: still run by a process of an earlier start; left to it",
+                         payload.build_id)
+                continue
+            if outcome == FAILED:
+                log.error("build %d: left running by an earlier start of this worker; marked failed",
+                          payload.build_id)
+                self._mail_in_background(payload, FAILED)
+            self.claims.remove(payload.build_id)
 
     def _claim(self, build_id: int) -> str | None:
         if self.conn is None or self.conn.closed:
@@ -302,6 +328,10 @@ class Supervisor:
                 self._read_report(child)
                 self._close_report(child)
             self._finished(child, status)
+            try:
+                self.claims.remove(child.build_id)
+            except redis.RedisError as exc:
+                log.error("build %d: still noted for recovery: %s", child.build_id, exc)
 
     def _finished(self, child: Child, status: int) -> None:
         result = child.result or {}
