@@ -312,3 +312,30 @@ def test_restart_leaves_builds_that_outlived_the_worker_to_their_process(server,
     again = make_worker()
     again.wait_log(f"build {build.id}: still run by a process of an earlier start")
     assert server.wait(build.id)["status"] == "passed"
+
+
+def test_build_whose_end_could_not_be_recorded_is_failed_at_the_next_start(
+        server, make_worker, postgres, schema):
+    worker = make_worker()
+    build = server.queue_build([("slow", False, [("slow", "sleep 60")])])
+    server.wait_job(build.jobs["slow"])
+    dbname = f"djinn_{schema}"
+    admin = postgres.connect("postgres")
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS false')
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = %s AND application_name = 'djinn-worker'", (dbname,))
+        (child,) = worker.children()
+        os.killpg(child, signal.SIGKILL)
+        worker.wait_log(f"build {build.id}: could not record that its process died")
+        assert server.build(build.id)["status"] == "running"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS true')
+        admin.close()
+    assert worker.stop() == 0
+    make_worker()
+    row = server.wait(build.id, timeout=15)
+    assert row["status"] == "failed"
+    assert "The worker stopped while this build was running" in row["output"]

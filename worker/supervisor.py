@@ -229,7 +229,7 @@ class Supervisor:
                 log.error("build %d: left running by an earlier start of this worker; marked failed",
                           payload.build_id)
                 self._mail_in_background(payload, FAILED)
-            self.claims.remove(payload.build_id)
+            self._drop_claim(payload.build_id)
 
     def _claim(self, build_id: int) -> str | None:
         if self.conn is None or self.conn.closed:
@@ -327,17 +327,25 @@ class Supervisor:
             if child.fd >= 0:
                 self._read_report(child)
                 self._close_report(child)
-            self._finished(child, status)
-            try:
-                self.claims.remove(child.build_id)
-            except redis.RedisError as exc:
-                log.error("build %d: still noted for recovery: %s", child.build_id, exc)
+            if self._finished(child, status):
+                self._drop_claim(child.build_id)
 
-    def _finished(self, child: Child, status: int) -> None:
+    def _drop_claim(self, build_id: int) -> None:
+        try:
+            self.claims.remove(build_id)
+        except redis.RedisError as exc:
+            log.error("build %d: still noted for recovery: %s", build_id, exc)
+
+    def _finished(self, child: Child, status: int) -> bool:
+        """Settle a build whose process ended; False if its end could not be recorded.
+
+        A build left unrecorded stays noted in Redis, so the next start of the
+        worker fails it rather than leaving it running for good.
+        """
         result = child.result or {}
         if result.get("status"):
             log.debug("build %d: process %d %s", child.build_id, child.pid, describe_exit(status))
-            return
+            return True
         how = result.get("error") or describe_exit(status)
         final = TIMED_OUT if child.backstopped else FAILED
         self._clean_up_after(child)
@@ -347,11 +355,14 @@ class Supervisor:
                 self.conn = db.connect(self.config.database, application="djinn-worker")
             db.abandon_build(self.conn, child.build_id, final, line)
         except psycopg2.Error as exc:
-            log.error("build %d: could not record that its process died: %s",
-                      child.build_id, str(exc).strip())
-            return
+            log.error("build %d: could not record that its process died (%s); the next start "
+                      "of the worker will", child.build_id, str(exc).strip())
+            if self.conn is not None:
+                self.conn.close()
+            return False
         log.error("build %d: %s; marked %s", child.build_id, how, final)
         self._mail_in_background(child.payload, final)
+        return True
 
     def _mail_in_background(self, payload: Payload, status: str) -> None:
         """Failure mail for a build whose own process could not send it.
