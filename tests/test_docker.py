@@ -381,6 +381,7 @@ def test_supervisor_removes_what_a_killed_child_left(server, start, driver):
     row = server.wait(build.id, timeout=30)
     assert row["status"] == "failed"
     assert "The build process died: killed by signal 9 (SIGKILL)" in row["output"]
+    worker.wait_log(f"docker: removed leftovers of build {build.id}")
     assert_clean(server, build.id)
     again = server.queue_build(driver=driver)
     assert server.wait(again.id, timeout=60)["status"] == "passed"

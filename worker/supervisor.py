@@ -89,7 +89,9 @@ class Supervisor:
         self.popper.client.ping()
         self.claims = Claims(self.popper.client, self.config.identity)
         self._recover()
-        self._remove_docker_leftovers()
+        cleaner = self._remove_docker_leftovers()
+        if cleaner:
+            os.waitpid(cleaner, 0)
         log.info(
             "djinn-worker %s started (pid %d): popping %s; drivers %s; %d build(s) at once; timeout %gs",
             __version__, os.getpid(), ", ".join(self.config.queues),
@@ -365,22 +367,27 @@ class Supervisor:
         return True
 
     def _mail_in_background(self, payload: Payload, status: str) -> None:
-        """Failure mail for a build whose own process could not send it.
+        """Failure mail for a build whose own process could not send it."""
+        if self.config.smtp.enabled:
+            self._in_background(lambda: build.notify(self.config, payload, status))
 
-        Sent from a short-lived fork so that a slow mail server never stalls
-        the event loop; the reaper ignores the process like any stranger.
+    def _in_background(self, work: Callable[[], None]) -> int:
+        """Run slow clean-up work (SMTP, the docker engine) in a short-lived fork.
+
+        The event loop never waits on another server this way, and libraries
+        only that work needs are never imported into the supervisor. The
+        reaper ignores the process like any stranger.
         """
-        if not self.config.smtp.enabled:
-            return
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 self._become_child()
-                build.notify(self.config, payload, status)
+                work()
                 code = 0
             finally:
                 os._exit(code)
+        return pid
 
     def _clean_up_after(self, child: Child) -> None:
         """Remove what a child that died left: its jobs' processes, files and containers."""
@@ -390,11 +397,20 @@ class Supervisor:
             shutil.rmtree(path, ignore_errors=True)
         self._remove_docker_leftovers(child.build_id)
 
-    def _remove_docker_leftovers(self, build_id: int | None = None) -> None:
-        """Containers and volumes of one dead build, or at start of every earlier one."""
-        if "docker" in self.config.drivers:
+    def _remove_docker_leftovers(self, build_id: int | None = None) -> int | None:
+        """Containers and volumes of one dead build, or at start of every earlier one.
+
+        Returns the pid of the process removing them, None without docker.
+        """
+        if "docker" not in self.config.drivers:
+            return None
+        engine, identity = self.drivers.docker, self.config.identity
+
+        def remove() -> None:
             from djinn_worker.drivers.docker import remove_leftovers
-            remove_leftovers(self.drivers.docker, self.config.identity, build_id)
+            remove_leftovers(engine, identity, build_id)
+
+        return self._in_background(remove)
 
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
