@@ -6,15 +6,15 @@ PYTEST_ARGS ?=
 .PHONY: demo test bench
 
 demo:
-	scripts/setup demo
-	$(VENV)/bin/python scripts/demo.py
+	.ci/setup demo
+	$(VENV)/bin/python tests/demo.py
 
 test:
-	scripts/setup test
+	.ci/setup test
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench:
-	scripts/setup demo
+	.ci/setup demo
 	$(VENV)/bin/python bench/dispatch.py
 
 # `make install` puts the worker in a virtualenv of its own and links the

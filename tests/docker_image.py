@@ -58,7 +58,7 @@ def _rootfs(out: io.BufferedIOBase) -> None:
 def busybox_image(client: docker.DockerClient) -> str:
     """The test image's name, imported into the engine if it is not there yet."""
     if not BUSYBOX.exists():
-        raise RuntimeError(f"{BUSYBOX} is missing: install busybox-static (scripts/setup test does)")
+        raise RuntimeError(f"{BUSYBOX} is missing: install busybox-static (.ci/setup test does)")
     tag = hashlib.sha256(BUSYBOX.read_bytes()).hexdigest()[:12]
     name = f"{REPOSITORY}:{tag}"
     try:

@@ -38,7 +38,7 @@ def _connect() -> docker.DockerClient:
         client.ping()
         return client
     except docker.errors.DockerException as exc:
-        message = (f"no Docker engine at {ENGINE} ({exc}); run `scripts/setup test` as root "
+        message = (f"no Docker engine at {ENGINE} ({exc}); run `.ci/setup test` as root "
                    "to install docker.io and start dockerd")
         if os.environ.get("CI"):
             raise RuntimeError(f"CI must run the docker tests: {message}") from None

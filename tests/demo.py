@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import shutil
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-from djinn import Server, Worker  # noqa: E402
-from services import DIST_SCHEMA, Postgres, Redis  # noqa: E402
+from djinn import Server, Worker
+from services import DIST_SCHEMA, REPO, Postgres, Redis
 
 BUILD = [
     ("build", False, [
