@@ -294,10 +294,17 @@ def test_restart_fails_builds_whose_processes_died_with_the_worker(server, make_
         os.kill(int(line.split(":")[0]), signal.SIGKILL)
     assert server.build(build.id)["status"] == "running"
 
+    (build_dir,) = [line.split()[-1] for line in server.job(build.jobs["create driver"])["output"].splitlines()
+                    if line.startswith("Build directory ")]
+    build_dir = os.path.dirname(build_dir)
+    assert os.path.isdir(build_dir)
+
     again = make_worker()
     row = server.wait(build.id, timeout=15)
     assert row["status"] == "failed"
     assert row["output"].endswith("The worker stopped while this build was running\nDone. Run failed\n")
+    again.wait_log(f"build {build.id}: removed {build_dir}")
+    assert not os.path.exists(build_dir)
     assert server.job(build.jobs["slow"])["status"] == "failed"
     again.wait_log(f"build {build.id}: left running by an earlier start of this worker; marked failed")
     assert server.wait(server.queue_build().id)["status"] == "passed"

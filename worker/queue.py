@@ -92,8 +92,18 @@ class Claims:
     def add(self, payload: Payload) -> None:
         self.client.hset(self.key, str(payload.build_id), encode_payload(payload.build_id, payload.host))
 
+    def add_path(self, build_id: int, path: str) -> None:
+        """A file or directory of the build's driver, to remove if nobody else does."""
+        self.client.rpush(self._paths(build_id), path)
+
+    def paths(self, build_id: int) -> list[str]:
+        return [p.decode() for p in self.client.lrange(self._paths(build_id), 0, -1)]
+
     def remove(self, build_id: int) -> None:
-        self.client.hdel(self.key, str(build_id))
+        self.client.pipeline().hdel(self.key, str(build_id)).delete(self._paths(build_id)).execute()
+
+    def _paths(self, build_id: int) -> str:
+        return f"{self.key}:{build_id}:paths"
 
     def payloads(self) -> list[Payload]:
         found = []

@@ -230,6 +230,9 @@ class Supervisor:
             if outcome == FAILED:
                 log.error("build %d: left running by an earlier start of this worker; marked failed",
                           payload.build_id)
+                for path in self.claims.paths(payload.build_id):
+                    shutil.rmtree(path, ignore_errors=True)
+                    log.info("build %d: removed %s", payload.build_id, path)
                 self._mail_in_background(payload, FAILED)
             self._drop_claim(payload.build_id)
 
@@ -306,6 +309,11 @@ class Supervisor:
             child.pgids.append(int(message["pgid"]))
         elif "path" in message:
             child.paths.append(str(message["path"]))
+            try:
+                self.claims.add_path(child.build_id, child.paths[-1])
+            except redis.RedisError as exc:
+                log.error("build %d: %s not noted for removal after a crash: %s",
+                          child.build_id, child.paths[-1], exc)
         elif "status" in message:
             child.result = message
 
