@@ -239,6 +239,11 @@ class Worker:
         return self.proc.returncode
 
 
+def marker() -> str:
+    """A unique sleep length, so a test can find its own processes in /proc."""
+    return f"{1000 + uuid.uuid4().int % 100000}.{os.getpid()}"
+
+
 def processes_with(text: str) -> list[str]:
     """Command lines of live processes containing text (for leftover checks)."""
     found = []

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import socket
 import ssl
 import threading
 import warnings
@@ -31,6 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from services import free_port
 
 USERNAME = "djinn"
 PASSWORD = "s3cret"
@@ -50,13 +50,6 @@ class Certificates:
     ca_file: str  # what a client passes as smtp.ca
     cert_file: str
     key_file: str
-
-
-def free_port() -> int:
-    """A port nothing listens on (until someone binds it, so use it at once)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_certificates(

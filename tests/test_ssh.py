@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from djinn import processes_with
+from djinn import marker, processes_with
 from djinn_worker.crypto import BlockCipher
 from services import free_port
 from sshd import Sshd
@@ -49,11 +49,6 @@ def remote_temp(sshd: Sshd) -> set[Path]:
     """What the test user owns in /tmp (user ids are reused: compare, don't expect none)."""
     uid = pwd.getpwnam(sshd.user).pw_uid
     return {p for p in Path("/tmp").iterdir() if p.lstat().st_uid == uid}
-
-
-def marker() -> str:
-    """A unique sleep length, so a test can find its own processes in /proc."""
-    return f"{1000 + uuid.uuid4().int % 100000}.{os.getpid()}"
 
 
 def test_jobs_variables_objects_keys_and_artifacts(server, make_worker, sshd, tmp_path):

@@ -5,18 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import time
-import uuid
 
 import pytest
 
-from djinn import processes_with
+from djinn import marker, processes_with
 
 BOTH = pytest.mark.parametrize("schema", ["dist", "original"], indirect=True)
-
-
-def marker() -> str:
-    """A unique sleep length, so a test can find its own processes in /proc."""
-    return f"{1000 + uuid.uuid4().int % 100000}.{os.getpid()}"
 
 
 @BOTH

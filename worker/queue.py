@@ -82,8 +82,9 @@ class Claims:
     """The payloads of builds this worker claimed and has not seen end, in Redis.
 
     A worker whose host rebooted, or whose build processes died with it,
-    leaves those builds `running` with nobody to finish them; the set tells
-    the next start of the same worker which builds to look at.
+    leaves those builds `running` with nobody to finish them; this record
+    tells the next start of the same worker which builds to look at, and
+    which temporary files of theirs to remove.
     """
 
     def __init__(self, client: redis.Redis, identity: str):
