@@ -49,7 +49,7 @@ def schema(request):
 def server(postgres, redis_server, schema):
     dbname = f"djinn_{schema}"
     if schema == "original" and not ORIGINAL_SCHEMA.exists():
-        pytest.skip(f"{ORIGINAL_SCHEMA} not found (it is beside the repository in CI)")
+        pytest.skip(f"{ORIGINAL_SCHEMA} not found (set DJINN_ORIGINAL_SCHEMA to the Djinn server's schema.sql)")
     conn = postgres.connect(dbname)
     client = redis_server.client()
     yield Server(conn, client, queue=f"builds-{uuid.uuid4().hex[:8]}")

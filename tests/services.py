@@ -22,7 +22,21 @@ import redis
 
 REPO = Path(__file__).resolve().parent.parent
 DIST_SCHEMA = REPO / "dist" / "schema.sql"
-ORIGINAL_SCHEMA = REPO.parent / "shared" / "djinn" / "schema.sql"
+
+
+def _original_schema() -> Path:
+    """The Djinn server's own schema.sql, which this repository may not copy.
+
+    It lives in the project's shared folder: beside the checkout, or at
+    /work/shared for a clone made elsewhere; DJINN_ORIGINAL_SCHEMA overrides.
+    """
+    if os.environ.get("DJINN_ORIGINAL_SCHEMA"):
+        return Path(os.environ["DJINN_ORIGINAL_SCHEMA"])
+    places = [REPO.parent / "shared" / "djinn" / "schema.sql", Path("/work/shared/djinn/schema.sql")]
+    return next((p for p in places if p.exists()), places[0])
+
+
+ORIGINAL_SCHEMA = _original_schema()
 
 
 def free_port() -> int:
