@@ -32,7 +32,11 @@ from typing import BinaryIO, Iterator
 
 import paramiko
 
-from .base import Driver, DriverError, Output
+from djinn_worker.config import SSHConfig, parse_addr
+
+from .base import Driver, DriverError, Output, Tracker
+
+SSH_PORT = 22
 
 _READ_SIZE = 32 * 1024
 # How often a blocked run() or connection retry looks at the kill flag.
@@ -54,7 +58,21 @@ logging.getLogger("paramiko").setLevel(logging.WARNING)
 class SSHDriver(Driver):
     name = "ssh"
 
-    def __init__(self, build_id: int, address: str, user: str, password: str, timeout: float):
+    def __init__(self, build_id: int, manifest: dict, config: SSHConfig,
+                 tracker: Tracker | None = None):
+        # Nothing of an ssh build lives on this host: the tracker is not needed.
+        address = manifest.get("address") or manifest.get("addr")
+        if not isinstance(address, str) or not address:
+            raise DriverError("the ssh driver needs an address (host:port) in the manifest")
+        try:
+            parse_addr(address, SSH_PORT)
+        except ValueError as exc:
+            raise DriverError(f"ssh driver: {exc}") from None
+        self._session(build_id, address, config.user, config.password, config.timeout)
+
+    def _session(self, build_id: int, address: str, user: str, password: str,
+                 timeout: float) -> None:
+        """What one SSH login needs; the qemu driver learns its address later."""
         self.build_id = build_id
         self.address = address
         self.user = user
@@ -83,14 +101,14 @@ class SSHDriver(Driver):
         since waiting will not fix a wrong password. Paramiko logs every failed
         attempt with a traceback; the one line that matters is ours.
         """
-        host, port = _split_address(self.address)
+        address = parse_addr(self.address, SSH_PORT)
         deadline = time.monotonic() + self.timeout
         with _quiet("paramiko"):
             while True:
                 self._check_alive()
                 limit = min(max(deadline - time.monotonic(), 1.0), _ATTEMPT)
                 try:
-                    self._open(host, port, limit)
+                    self._open(address.host, address.port, limit)
                     break
                 except paramiko.AuthenticationException as exc:
                     self._close()
@@ -295,20 +313,6 @@ def _job_commands(script: str, pidfile: str) -> tuple[str, str]:
     stop = (f'[ -s {pidfile} ] && kill -s KILL -- -"$(cat {pidfile})" 2>/dev/null; '
             f"rm -f {script} {pidfile}")
     return f"exec /bin/sh -c {shlex.quote(inner)}", stop
-
-
-def _split_address(address: str) -> tuple[str, int]:
-    """host, host:port, [v6] or [v6]:port; the port defaults to 22."""
-    if address.startswith("["):
-        host, _, rest = address[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif address.count(":") == 1:
-        host, port = address.split(":")
-    else:
-        host, port = address, ""
-    if not host or (port and not port.isdigit()):
-        raise DriverError(f"bad ssh address {address!r}: expected host:port")
-    return host, int(port or 22)
 
 
 @contextmanager

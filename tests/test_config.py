@@ -65,6 +65,12 @@ def assert_config_error(result, file: str, *words: str) -> None:
     ("[redis]\ndb = 1.5", ["redis.db", "integer"]),
     ('queue = ""', ["queue", "empty"]),
     ("x = [", ["not valid TOML"]),
+    ('[database]\naddr = "db:abc"', ["database.addr", "'db:abc'", "port must be a number"]),
+    ('[database]\naddr = "[::1"', ["database.addr", "[IPv6 address]:port"]),
+    ('[redis]\naddr = ":6379"', ["redis.addr", "host is missing"]),
+    ('[redis]\naddr = "redis:99999"', ["redis.addr", "1 to 65535"]),
+    ('[smtp]\naddr = "mail:smtp"', ["smtp.addr", "'mail:smtp'"]),
+    ('[smtp]\naddr = "/run/smtp.sock"', ["smtp.addr", "unix socket is not supported"]),
 ])
 def test_worker_config_errors(tmp_path, worker, words):
     assert_config_error(run(tmp_path, worker), str(tmp_path / "worker.toml"), *words)

@@ -22,6 +22,7 @@ ALL_DRIVERS = ("docker", "qemu", "ssh")
 LOG_LEVELS = ("debug", "info", "error")
 STORE_TYPES = ("file",)
 QEMU_ACCELS = ("auto", "kvm", "tcg")
+POSTGRES_PORT, REDIS_PORT, SMTP_PORT = 5432, 6379, 25
 
 # Go's machine names for the host, as the original worker's qemu-<arch> uses.
 _HOST_ARCH = {"amd64": "x86_64", "arm64": "aarch64"}
@@ -66,6 +67,48 @@ def parse_duration(text: str) -> float:
     return total
 
 
+@dataclass(frozen=True)
+class Address:
+    """Where a server listens: a host and port, or a unix socket path."""
+
+    host: str
+    port: int
+
+    @property
+    def unix(self) -> bool:
+        return self.host.startswith("/")
+
+
+def parse_addr(addr: str, default_port: int, unix: bool = False) -> Address:
+    """Parse host:port, [v6]:port, a bare host, a bare IPv6 address, or
+    (with unix) an absolute unix socket path; ValueError says what is wrong.
+
+    One parser for every address the worker is given, so that PostgreSQL,
+    Redis, SMTP and ssh hosts all accept the same forms.
+    """
+    if not addr or any(c.isspace() for c in addr):
+        raise ValueError(f"bad address {addr!r}: expected host:port")
+    if addr.startswith("/"):
+        if not unix:
+            raise ValueError(f"bad address {addr!r}: a unix socket is not supported here")
+        return Address(addr, default_port)
+    if addr.startswith("["):
+        host, bracket, rest = addr[1:].partition("]")
+        if not bracket or ":" not in host or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad address {addr!r}: expected [IPv6 address]:port")
+        port = rest[1:] if rest else str(default_port)
+    elif addr.count(":") > 1:
+        host, port = addr, str(default_port)  # a bare IPv6 address carries no port
+    else:
+        host, colon, port = addr.partition(":")
+        port = port if colon else str(default_port)
+    if not host:
+        raise ValueError(f"bad address {addr!r}: the host is missing")
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ValueError(f"bad address {addr!r}: the port must be a number from 1 to 65535")
+    return Address(host, int(port))
+
+
 def host_arch() -> str:
     machine = platform.machine().lower()
     return _HOST_ARCH.get(machine, machine)
@@ -90,6 +133,10 @@ class SMTPConfig:
     def enabled(self) -> bool:
         return bool(self.addr)
 
+    @property
+    def address(self) -> Address:
+        return parse_addr(self.addr, SMTP_PORT)
+
 
 @dataclass(frozen=True)
 class DatabaseConfig:
@@ -98,12 +145,21 @@ class DatabaseConfig:
     username: str = "djinn-worker"
     password: str = ""
 
+    @property
+    def address(self) -> Address:
+        """A unix socket path names the directory of PostgreSQL's socket."""
+        return parse_addr(self.addr, POSTGRES_PORT, unix=True)
+
 
 @dataclass(frozen=True)
 class RedisConfig:
     addr: str = "localhost:6379"
     password: str = ""
     db: int = 0
+
+    @property
+    def address(self) -> Address:
+        return parse_addr(self.addr, REDIS_PORT, unix=True)
 
 
 @dataclass(frozen=True)
@@ -155,6 +211,8 @@ class DockerConfig:
     cpus: float | None = None
     memory: int | None = None
     pids_limit: int | None = None
+    # The worker's identity, which labels its containers and volumes.
+    identity: str = ""
 
 
 @dataclass(frozen=True)
@@ -329,7 +387,7 @@ def load_worker(path: str) -> WorkerConfig:
     database = top.table("database", {"addr", "name", "username", "password"})
     redis = top.table("redis", {"addr", "password", "db"})
     log = top.table("log", {"level", "file"})
-    return WorkerConfig(
+    config = WorkerConfig(
         path=path,
         parallelism=top.natural("parallelism", 0),
         drivers=_drivers(top),
@@ -353,6 +411,13 @@ def load_worker(path: str) -> WorkerConfig:
             file=log.string("file", "/dev/stdout") or "/dev/stdout",
         ),
     )
+    for table, server in ((database, config.database), (redis, config.redis), (smtp, config.smtp)):
+        if table is not smtp or server.enabled:
+            try:
+                server.address
+            except ValueError as exc:
+                raise table.error("addr", str(exc)) from None
+    return config
 
 
 def load_drivers(path: str, worker: WorkerConfig) -> DriverConfig:
@@ -378,6 +443,7 @@ def load_drivers(path: str, worker: WorkerConfig) -> DriverConfig:
             cpus=cpus,
             memory=docker.get("memory", int),
             pids_limit=docker.get("pids_limit", int),
+            identity=worker.identity,
         ),
         qemu=QemuConfig(
             disks=qemu.string("disks", os.path.join(worker.images.path, "qemu")),

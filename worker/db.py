@@ -11,9 +11,8 @@ import psycopg2
 import psycopg2.extensions
 
 from .config import DatabaseConfig
-from .mail import FailureNotice, Trigger
 from .model import (
-    FAILED, RUNNING, Artifact, Build, Job, Key, Object, Stage,
+    FAILED, RUNNING, Artifact, Build, FailureNotice, Job, Key, Object, Stage, Trigger,
 )
 
 Connection = psycopg2.extensions.connection
@@ -23,18 +22,10 @@ class BuildRowError(Exception):
     """The build's rows cannot be run as they are; the message says which row."""
 
 
-def split_addr(addr: str, default_port: int) -> tuple[str, int]:
-    """host:port, a bare host, or a unix socket directory (for PostgreSQL)."""
-    host, sep, port = addr.rpartition(":")
-    if sep and port.isdigit():
-        return host or "localhost", int(port)
-    return addr or "localhost", default_port
-
-
 def connect(config: DatabaseConfig, application: str = "djinn-worker") -> Connection:
-    host, port = split_addr(config.addr, 5432)
+    address = config.address
     conn = psycopg2.connect(
-        host=host, port=port, dbname=config.name, user=config.username,
+        host=address.host, port=address.port, dbname=config.name, user=config.username,
         password=config.password, connect_timeout=10, application_name=application,
     )
     conn.autocommit = True

@@ -10,45 +10,20 @@ from __future__ import annotations
 import smtplib
 import ssl
 from contextlib import closing
-from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid, parseaddr
 from urllib.parse import urlsplit
 
 from .config import SMTPConfig
+from .model import FailureNotice, Trigger
 
 # Enough of the log to show what went wrong without mailing the whole build.
 TAIL_LINES = 15
-SMTP_PORT = 25
 # Build output is rarely pure ASCII. Encoding it (quoted-printable or base64)
 # keeps it intact through relays that do not speak 8BITMIME, which smtplib
 # would otherwise hand raw 8-bit bytes to.
 MAIL_POLICY = policy.default.clone(cte_type="7bit")
-
-
-@dataclass(frozen=True)
-class Trigger:
-    """A build_triggers row: what started the build."""
-
-    type: str  # manual | push | pull | schedule
-    comment: str
-    data: dict
-
-
-@dataclass(frozen=True)
-class FailureNotice:
-    """Everything the mail says about one build that did not pass."""
-
-    build_id: int
-    number: int
-    status: str  # failed | killed | timed_out
-    host: str  # the server's base URL from the queue payload
-    username: str
-    email: str
-    recipients: list[str]
-    trigger: Trigger | None
-    output: str
 
 
 class MailError(Exception):
@@ -149,10 +124,10 @@ def send(config: SMTPConfig, message: EmailMessage, timeout: float = 30.0) -> No
     smtp.addr, so credentials and build output never cross the network in
     clear text to a server nobody vouched for.
     """
-    host, port = _split_addr(config.addr)
+    address = config.address
     context = _tls_context(config.ca) if config.ca else None
     try:
-        with closing(smtplib.SMTP(host, port, timeout=timeout)) as smtp:
+        with closing(smtplib.SMTP(address.host, address.port, timeout=timeout)) as smtp:
             if context is not None:
                 smtp.starttls(context=context)
             if config.username and config.password:
@@ -166,15 +141,6 @@ def send(config: SMTPConfig, message: EmailMessage, timeout: float = 30.0) -> No
             f"SMTP server {config.addr}: recipient refused: {_refusals(refused)} "
             "(the other recipients were sent the mail)"
         )
-
-
-def _split_addr(addr: str) -> tuple[str, int]:
-    host, sep, port = addr.rpartition(":")
-    if not sep or addr.endswith("]"):
-        host, port = addr, str(SMTP_PORT)
-    if not port.isdigit():
-        raise MailError(f"smtp.addr {addr!r}: the port must be a number")
-    return host.strip("[]"), int(port)
 
 
 def _tls_context(cafile: str) -> ssl.SSLContext:

@@ -55,12 +55,10 @@ def kill_channel(build_id: int) -> str:
 
 
 def _address(config: RedisConfig) -> dict:
-    if config.addr.startswith("/"):
-        return {"unix_socket_path": config.addr}
-    host, _, port = config.addr.rpartition(":")
-    if not host or not port.isdigit():
-        return {"host": config.addr or "localhost", "port": 6379}
-    return {"host": host, "port": int(port)}
+    address = config.address
+    if address.unix:
+        return {"unix_socket_path": address.host}
+    return {"host": address.host, "port": address.port}
 
 
 def connect(config: RedisConfig) -> redis.Redis:
@@ -68,10 +66,6 @@ def connect(config: RedisConfig) -> redis.Redis:
         **_address(config), password=config.password or None, db=config.db,
         socket_connect_timeout=10,
     )
-
-
-def push(client: redis.Redis, queue: str, payload: str) -> None:
-    client.lpush(queue, payload)
 
 
 def claims_key(identity: str) -> str:
