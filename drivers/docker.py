@@ -37,7 +37,7 @@ from requests import RequestException
 
 from djinn_worker.config import DockerConfig
 
-from .base import Driver, DriverError, Output
+from .base import Driver, DriverError, Output, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +53,17 @@ _CHUNK = 64 * 1024
 _ENGINE_ERRORS = (DockerException, RequestException)
 
 
-def remove_leftovers(config: DockerConfig, identity: str, build_id: int | None = None) -> None:
+def remove_leftovers(config: DockerConfig, build_id: int | None = None) -> None:
     """Remove the containers and volumes of one build, or all of this worker's.
 
     Called by the supervisor, which must not go down over it: every engine
     error is logged here and nothing is raised.
     """
-    what = f"build {build_id}" if build_id is not None else f"worker {identity}"
+    what = f"build {build_id}" if build_id is not None else f"worker {config.identity}"
     try:
         client = _connect(config)
         try:
-            removed = _remove_labelled(client, _labels(identity, build_id))
+            removed = _remove_labelled(client, _labels(config.identity, build_id))
         finally:
             client.close()
     except _ENGINE_ERRORS as exc:
@@ -76,7 +76,10 @@ def remove_leftovers(config: DockerConfig, identity: str, build_id: int | None =
 class DockerDriver(Driver):
     name = "docker"
 
-    def __init__(self, build_id: int, manifest: dict, config: DockerConfig, identity: str):
+    def __init__(self, build_id: int, manifest: dict, config: DockerConfig,
+                 tracker: Tracker | None = None):
+        # Containers and volumes are found by label if the build process
+        # dies, so nothing needs to be told to the tracker.
         image, workspace = manifest.get("image"), manifest.get("workspace")
         if not isinstance(image, str) or not image:
             raise DriverError('docker driver: the manifest must set "image" to an image name')
@@ -85,7 +88,7 @@ class DockerDriver(Driver):
                               f"path other than /, got {workspace!r}")
         self.image, self.workspace = image, posixpath.normpath(workspace)
         self.config = config
-        self.labels = _labels(identity, build_id)
+        self.labels = _labels(config.identity, build_id)
         self.volume = f"djinn-build-{build_id}-{secrets.token_hex(4)}"
         self.client: docker.DockerClient | None = None
         self._killer: docker.APIClient | None = None

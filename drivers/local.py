@@ -25,7 +25,8 @@ _READ_SIZE = 64 * 1024
 class OSDriver(Driver):
     name = "os"
 
-    def __init__(self, build_id: int, tracker: Tracker | None = None):
+    def __init__(self, build_id: int, manifest: dict | None = None, config: None = None,
+                 tracker: Tracker | None = None):
         self.build_id = build_id
         self.tracker = tracker or NoTracker()
         self.root: str | None = None

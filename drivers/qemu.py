@@ -28,7 +28,7 @@ import signal
 import socket
 import subprocess
 import tempfile
-from typing import Callable
+from djinn_worker.config import QemuConfig, host_arch
 
 from .base import DriverError, NoTracker, Output, Tracker
 from .ssh import SSHDriver
@@ -49,26 +49,33 @@ _TERMINAL_CODES = re.compile(r"\x1b\[[0-9;=?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]"
 class QemuDriver(SSHDriver):
     name = "qemu"
 
-    def __init__(self, build_id: int, image: str, arch: str, cpus: int, memory: int,
-                 accel: str, find_image: Callable[[str], str | None],
-                 tracker: Tracker | None = None):
-        """find_image maps an image name to its path (None when there is no
-        such image); it is where the worker's image stores and database are."""
-        super().__init__(build_id, address="", user="root", password="", timeout=BOOT_TIMEOUT)
+    def __init__(self, build_id: int, manifest: dict, config: QemuConfig,
+                 tracker: Tracker | None = None, image_path: str | None = None):
+        """image_path is where the manifest's image name was found (None when
+        there is no such image): the worker looks it up in its image stores
+        and database before the driver is made."""
+        self._session(build_id, "", "root", "", BOOT_TIMEOUT)
+        name = manifest.get("image")
+        if not isinstance(name, str) or not name:
+            raise DriverError("the qemu driver needs an image in the manifest")
+        if not image_name_ok(name):
+            raise DriverError(f"image name {name!r} is refused: it must be relative, without '..'")
+        if image_path is None or not os.path.exists(image_path):
+            raise DriverError(f"image {name} not found")
         self.tracker = tracker or NoTracker()
-        self.image = image
-        self.arch = arch
-        self.cpus = cpus
-        self.memory = memory
-        self.accel = accel
-        self.find_image = find_image
+        self.image = name
+        self.image_path = image_path
+        self.arch = host_arch()
+        self.cpus = config.cpus
+        self.memory = config.memory
+        self.accel = config.accel
         self._proc: subprocess.Popen | None = None
         self._tmp = ""
 
     def create(self, out: Output) -> None:
         out.write(b"Running with QEMU driver...\n")
         out.write(f"Creating machine with arch {self.arch}...\n".encode())
-        image = self._find()
+        image = self.image_path
         self._tmp = tempfile.mkdtemp(prefix=f"djinn-qemu-{self.build_id}-")
         self.tracker.path(self._tmp)
         try:
@@ -81,17 +88,6 @@ class QemuDriver(SSHDriver):
         except DriverError as exc:
             raise DriverError(f"{exc}{self._keep_console()}") from None
         out.write(f"Established SSH connection to machine on {self.address}...\n".encode())
-
-    def _find(self) -> str:
-        name = self.image
-        if not name:
-            raise DriverError("the qemu driver needs an image in the manifest")
-        if posixpath.isabs(name) or ".." in name.split("/") or "\0" in name:
-            raise DriverError(f"image name {name!r} is refused: it must be relative, without '..'")
-        path = self.find_image(name)
-        if path is None or not os.path.exists(path):
-            raise DriverError(f"image {name} not found")
-        return path
 
     def _boot_args(self, image: str) -> list[str]:
         """The disk overlay and how to boot it, for either image form."""
@@ -227,6 +223,11 @@ class QemuDriver(SSHDriver):
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = ""
+
+
+def image_name_ok(name: str) -> bool:
+    """Image names are paths inside the image stores: never absolute, no '..'."""
+    return not (posixpath.isabs(name) or ".." in name.split("/") or "\0" in name)
 
 
 def _accel(choice: str) -> str:

@@ -1,7 +1,8 @@
 """What the Djinn server does before a build reaches the worker, for the tests.
 
-Builds are inserted the way the server writes them (DESIGN.md, "What the
-server has already written") and queued with LPUSH; tests then read the rows
+Builds are inserted the way the Djinn server writes them (a builds row, its
+driver, a setup stage with "create driver", then the manifest's stages and
+jobs) and queued with LPUSH; tests then read the rows
 back. The SQL here is the server's side of the contract, not the worker's.
 """
 

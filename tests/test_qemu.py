@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from djinn import processes_with
+from djinn_worker.config import QemuConfig
 from djinn_worker.crypto import BlockCipher
 from djinn_worker.drivers import qemu
 
@@ -228,8 +229,9 @@ def test_a_taken_port_is_given_up_for_another(monkeypatch, vm_images, tmp_path):
         choices = [port, port]
         free = qemu._free_port
         monkeypatch.setattr(qemu, "_free_port", lambda: choices.pop() if choices else free())
-        driver = qemu.QemuDriver(1, "debian/kernel", "x86_64", 1, 512, "tcg",
-                                 lambda name: str(vm_images / "kernel"))
+        driver = qemu.QemuDriver(1, {"image": "debian/kernel"},
+                                 QemuConfig(disks=str(vm_images), memory=512, accel="tcg"),
+                                 image_path=str(vm_images / "kernel"))
         output = io.BytesIO()
         try:
             driver.create(output)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -340,3 +341,24 @@ def test_build_whose_end_could_not_be_recorded_is_failed_at_the_next_start(
     row = server.wait(build.id, timeout=15)
     assert row["status"] == "failed"
     assert "The worker stopped while this build was running" in row["output"]
+
+
+def ps_args(pid: int) -> str:
+    return subprocess.run(["ps", "-o", "args=", "-p", str(pid)], capture_output=True,
+                          text=True).stdout.strip()
+
+
+def test_ps_shows_what_each_process_is(server, make_worker):
+    worker = make_worker({"parallelism": 2})
+    assert ps_args(worker.proc.pid) == f"djinn-worker: supervisor ({server.queue}, 0/2 running)"
+    build = server.queue_build([("slow", False, [("slow", f"sleep {marker()}")])])
+    server.wait_job(build.jobs["slow"])
+    (child,) = worker.children()
+    assert ps_args(child) == f"djinn-worker: build {build.id} (os)"
+    assert ps_args(worker.proc.pid) == f"djinn-worker: supervisor ({server.queue}, 1/2 running)"
+    os.kill(child, signal.SIGKILL)
+    server.wait(build.id)
+    deadline = time.monotonic() + 10
+    while ps_args(worker.proc.pid) != f"djinn-worker: supervisor ({server.queue}, 0/2 running)":
+        assert time.monotonic() < deadline, ps_args(worker.proc.pid)
+        time.sleep(0.05)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-QUEUED = "queued"
 RUNNING = "running"
 PASSED = "passed"
 PASSED_WITH_FAILURES = "passed_with_failures"
@@ -16,7 +15,6 @@ FAILED = "failed"
 KILLED = "killed"
 TIMED_OUT = "timed_out"
 
-FINISHED = (PASSED, PASSED_WITH_FAILURES, FAILED, KILLED, TIMED_OUT)
 # Statuses that make the server mail people.
 MAILED = (FAILED, KILLED, TIMED_OUT)
 
@@ -26,6 +24,11 @@ _RANK = {PASSED: 0, PASSED_WITH_FAILURES: 1, FAILED: 2, KILLED: 3, TIMED_OUT: 3}
 def worst(a: str, b: str) -> str:
     """The more severe of two finished statuses (a wins ties)."""
     return b if _RANK[b] > _RANK[a] else a
+
+
+def done_line(status: str) -> str:
+    """The last line of every build log, however the build ended."""
+    return f"Done. Run {status}\n"
 
 
 @dataclass
@@ -85,3 +88,27 @@ class Build:
     @property
     def env(self) -> dict[str, str]:
         return dict(self.variables)
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A build_triggers row: what started the build."""
+
+    type: str  # manual | push | pull | schedule
+    comment: str
+    data: dict
+
+
+@dataclass(frozen=True)
+class FailureNotice:
+    """Everything the failure mail says about one build that did not pass."""
+
+    build_id: int
+    number: int
+    status: str  # failed | killed | timed_out
+    host: str  # the server's base URL from the queue payload
+    username: str
+    email: str
+    recipients: list[str]
+    trigger: Trigger | None
+    output: str

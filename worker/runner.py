@@ -18,7 +18,8 @@ from djinn_worker.drivers.base import Driver, DriverError
 
 from .cancel import Cancel
 from .model import (
-    FAILED, KILLED, PASSED, PASSED_WITH_FAILURES, Artifact, Build, Job, Object, Stage, worst,
+    FAILED, KILLED, PASSED, PASSED_WITH_FAILURES, Artifact, Build, Job, Object, Stage, done_line,
+    worst,
 )
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class Runner:
         finally:
             self._destroy()
         self._finish_unrun()
-        self.reporter.output(None, f"Done. Run {self.status}\n")
+        self.reporter.output(None, done_line(self.status))
         self.reporter.build_finished(self.status)
         return self.status
 

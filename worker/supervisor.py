@@ -9,7 +9,6 @@ for another worker.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import selectors
@@ -21,10 +20,11 @@ from typing import Callable
 
 import psycopg2
 import redis
+from setproctitle import setproctitle
 
-from . import __version__, build, db
+from . import __version__, build, db, report
 from .config import DriverConfig, WorkerConfig
-from .model import FAILED, RUNNING, TIMED_OUT
+from .model import FAILED, RUNNING, TIMED_OUT, done_line
 from .queue import Claims, Payload, PayloadError, Popper, parse_payload
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,9 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP)
 @dataclass
 class Child:
     pid: int
-    fd: int
+    reader: report.ReportReader | None
     payload: Payload
     deadline: float
-    buffer: bytes = b""
     result: dict | None = None
     pgids: list[int] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
@@ -75,7 +74,8 @@ class Supervisor:
         self.killing = False
         self.retry_at = 0.0
         self.conn: db.Connection | None = None
-        self.popper: Popper | None = None
+        self.popper = Popper(config.redis, config.queues)
+        self.claims = Claims(self.popper.client, config.identity)
         self._pop_fd: int | None = None
         self._wake_r, self._wake_w = os.pipe()
 
@@ -84,10 +84,9 @@ class Supervisor:
     def run(self) -> int:
         """Serve until told to stop; the exit status for the process."""
         self._install_signals()
-        self.conn = db.connect(self.config.database, application="djinn-worker")
-        self.popper = Popper(self.config.redis, self.config.queues)
+        self._title()
+        self._connection()
         self.popper.client.ping()
-        self.claims = Claims(self.popper.client, self.config.identity)
         self._recover()
         cleaner = self._remove_docker_leftovers()
         if cleaner:
@@ -106,7 +105,8 @@ class Supervisor:
             self._reap()
             self._enforce_deadlines()
         self.popper.close()
-        self.conn.close()
+        if self.conn is not None:
+            self.conn.close()
         log.info("djinn-worker stopped")
         return 0
 
@@ -220,9 +220,9 @@ class Supervisor:
         lock and finishes the build itself; only builds whose processes are
         gone too (a reboot, the OOM killer) are failed here.
         """
-        line = "\nThe worker stopped while this build was running\nDone. Run failed\n"
+        line = f"\nThe worker stopped while this build was running\n{done_line(FAILED)}"
         for payload in self.claims.payloads():
-            outcome = db.abandon_orphan(self.conn, payload.build_id, line)
+            outcome = self._db(lambda conn: db.abandon_orphan(conn, payload.build_id, line))
             if outcome == RUNNING:
                 log.info("build %d: still run by a process of an earlier start; left to it",
                          payload.build_id)
@@ -230,20 +230,29 @@ class Supervisor:
             if outcome == FAILED:
                 log.error("build %d: left running by an earlier start of this worker; marked failed",
                           payload.build_id)
-                for path in self.claims.paths(payload.build_id):
-                    shutil.rmtree(path, ignore_errors=True)
-                    log.info("build %d: removed %s", payload.build_id, path)
+                self._remove_paths(payload.build_id, self.claims.paths(payload.build_id))
                 self._mail_in_background(payload, FAILED)
             self._drop_claim(payload.build_id)
 
     def _claim(self, build_id: int) -> str | None:
+        return self._db(lambda conn: db.claim(conn, build_id))
+
+    def _db(self, work: Callable[[db.Connection], object]):
+        """Do work on the supervisor's connection, connecting first if there is none.
+
+        A connection that failed is closed, so the next call connects anew.
+        """
+        conn = self._connection()
+        try:
+            return work(conn)
+        except (psycopg2.OperationalError, psycopg2.InterfaceError):
+            conn.close()
+            raise
+
+    def _connection(self) -> db.Connection:
         if self.conn is None or self.conn.closed:
             self.conn = db.connect(self.config.database, application="djinn-worker")
-        try:
-            return db.claim(self.conn, build_id)
-        except (psycopg2.OperationalError, psycopg2.InterfaceError):
-            self.conn.close()
-            raise
+        return self.conn
 
     # -- children ---------------------------------------------------------
 
@@ -259,14 +268,14 @@ class Supervisor:
             finally:
                 os._exit(code)
         os.close(write_fd)
-        os.set_blocking(read_fd, False)
         # Short timeouts get a grace as long as the timeout (at least 5 s).
         grace = min(BACKSTOP_GRACE, max(self.config.timeout, 5.0))
-        child = Child(pid, read_fd, payload,
+        child = Child(pid, report.ReportReader(read_fd), payload,
                       deadline=time.monotonic() + self.config.timeout + grace)
         self.children[pid] = child
         self.selector.register(read_fd, selectors.EVENT_READ, lambda: self._read_report(child))
         log.info("build %d: started in process %d", payload.build_id, pid)
+        self._title()
 
     def _become_child(self) -> None:
         """Drop what belongs to the parent without disturbing it.
@@ -279,49 +288,39 @@ class Supervisor:
         for sig in _SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         fds = [self._wake_r, self._wake_w, self.popper.fileno()]
-        fds += [c.fd for c in self.children.values()]
+        fds += [c.reader.fd for c in self.children.values() if c.reader]
         self.selector.close()
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
 
     def _read_report(self, child: Child) -> None:
-        while True:
-            try:
-                data = os.read(child.fd, 65536)
-            except BlockingIOError:
-                return
-            if not data:
-                self._close_report(child)
-                return
-            child.buffer += data
-            *lines, child.buffer = child.buffer.split(b"\n")
-            for line in lines:
-                self._on_message(child, line)
+        messages, closed = child.reader.read()
+        for message in messages:
+            self._on_message(child, message)
+        if closed:
+            self._close_report(child)
 
-    def _on_message(self, child: Child, line: bytes) -> None:
-        try:
-            message = json.loads(line)
-        except ValueError:
-            log.error("build %d: unreadable report %r", child.build_id, line[:200])
-            return
-        if "pgid" in message:
-            child.pgids.append(int(message["pgid"]))
-        elif "path" in message:
-            child.paths.append(str(message["path"]))
+    def _on_message(self, child: Child, message: report.Message) -> None:
+        if message.kind == report.PROCESS_GROUP:
+            child.pgids.append(int(message.data["pgid"]))
+        elif message.kind == report.PATH:
+            child.paths.append(str(message.data["path"]))
             try:
                 self.claims.add_path(child.build_id, child.paths[-1])
             except redis.RedisError as exc:
                 log.error("build %d: %s not noted for removal after a crash: %s",
                           child.build_id, child.paths[-1], exc)
-        elif "status" in message:
-            child.result = message
+        elif message.kind == report.RESULT:
+            child.result = message.data
+        else:
+            log.error("build %d: unreadable report %r", child.build_id, message.data)
 
     def _close_report(self, child: Child) -> None:
-        if child.fd >= 0:
-            self.selector.unregister(child.fd)
-            os.close(child.fd)
-            child.fd = -1
+        if child.reader is not None:
+            self.selector.unregister(child.reader.fd)
+            child.reader.close()
+            child.reader = None
 
     def _reap(self) -> None:
         while True:
@@ -334,11 +333,12 @@ class Supervisor:
             child = self.children.pop(pid, None)
             if child is None:
                 continue
-            if child.fd >= 0:
+            if child.reader is not None:
                 self._read_report(child)
                 self._close_report(child)
             if self._finished(child, status):
                 self._drop_claim(child.build_id)
+            self._title()
 
     def _drop_claim(self, build_id: int) -> None:
         try:
@@ -359,16 +359,12 @@ class Supervisor:
         how = result.get("error") or describe_exit(status)
         final = TIMED_OUT if child.backstopped else FAILED
         self._clean_up_after(child)
-        line = f"\nThe build process died: {how}\nDone. Run {final}\n"
+        line = f"\nThe build process died: {how}\n{done_line(final)}"
         try:
-            if self.conn is None or self.conn.closed:
-                self.conn = db.connect(self.config.database, application="djinn-worker")
-            db.abandon_build(self.conn, child.build_id, final, line)
+            self._db(lambda conn: db.abandon_build(conn, child.build_id, final, line))
         except psycopg2.Error as exc:
             log.error("build %d: could not record that its process died (%s); the next start "
                       "of the worker will", child.build_id, str(exc).strip())
-            if self.conn is not None:
-                self.conn.close()
             return False
         log.error("build %d: %s; marked %s", child.build_id, how, final)
         self._mail_in_background(child.payload, final)
@@ -377,9 +373,13 @@ class Supervisor:
     def _mail_in_background(self, payload: Payload, status: str) -> None:
         """Failure mail for a build whose own process could not send it."""
         if self.config.smtp.enabled:
-            self._in_background(lambda: build.notify(self.config, payload, status))
+            def mail() -> None:
+                from .notify import notify
+                notify(self.config, payload, status)
 
-    def _in_background(self, work: Callable[[], None]) -> int:
+            self._in_background(f"mail for build {payload.build_id}", mail)
+
+    def _in_background(self, what: str, work: Callable[[], None]) -> int:
         """Run slow clean-up work (SMTP, the docker engine) in a short-lived fork.
 
         The event loop never waits on another server this way, and libraries
@@ -391,6 +391,7 @@ class Supervisor:
             code = 1
             try:
                 self._become_child()
+                setproctitle(f"djinn-worker: {what}")
                 work()
                 code = 0
             finally:
@@ -399,11 +400,21 @@ class Supervisor:
 
     def _clean_up_after(self, child: Child) -> None:
         """Remove what a child that died left: its jobs' processes, files and containers."""
+        self._kill_groups(child)
+        self._remove_paths(child.build_id, child.paths)
+        self._remove_docker_leftovers(child.build_id)
+
+    @staticmethod
+    def _kill_groups(child: Child) -> None:
+        """The build process's own group and every job group it reported."""
         for pgid in [child.pid] + child.pgids:
             _signal(-pgid, signal.SIGKILL)
-        for path in child.paths:
+
+    @staticmethod
+    def _remove_paths(build_id: int, paths: list[str]) -> None:
+        for path in paths:
             shutil.rmtree(path, ignore_errors=True)
-        self._remove_docker_leftovers(child.build_id)
+            log.info("build %d: removed %s", build_id, path)
 
     def _remove_docker_leftovers(self, build_id: int | None = None) -> int | None:
         """Containers and volumes of one dead build, or at start of every earlier one.
@@ -412,13 +423,13 @@ class Supervisor:
         """
         if "docker" not in self.config.drivers:
             return None
-        engine, identity = self.drivers.docker, self.config.identity
+        engine = self.drivers.docker
 
         def remove() -> None:
             from djinn_worker.drivers.docker import remove_leftovers
-            remove_leftovers(engine, identity, build_id)
+            remove_leftovers(engine, build_id)
 
-        return self._in_background(remove)
+        return self._in_background("docker clean-up", remove)
 
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
@@ -427,8 +438,12 @@ class Supervisor:
                 child.backstopped = True
                 log.error("build %d: process %d is still running past the timeout; killing it",
                           child.build_id, child.pid)
-                for pgid in [child.pid] + child.pgids:
-                    _signal(-pgid, signal.SIGKILL)
+                self._kill_groups(child)
+
+    def _title(self) -> None:
+        """What ps shows for the supervisor: its queue and how busy it is."""
+        setproctitle(f"djinn-worker: supervisor ({self.config.queue}, "
+                     f"{len(self.children)}/{self.config.slots} running)")
 
     def _wait_time(self) -> float | None:
         times = [c.deadline for c in self.children.values()

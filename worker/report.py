@@ -1,0 +1,85 @@
+"""The report pipe from a build process to the supervisor: both ends, one protocol.
+
+A build process writes one JSON object per line, each with a `kind`. What
+it says before its result tells the supervisor what to clean up should it
+die before its own teardown (its jobs' process groups, its temporary
+paths); the result says how the build ended. New kinds are added here, at
+both ends at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+# The kinds of message, named once for both ends.
+PROCESS_GROUP = "process_group"  # {"pgid": int}: a job's process group
+PATH = "path"  # {"path": str}: a file or directory to remove
+RESULT = "result"  # {"build_id", "status" (None if the process failed), "error"}
+UNREADABLE = "unreadable"  # made by the reader for a line it cannot decode
+
+_READ_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class Message:
+    kind: str
+    data: dict
+
+
+class ReportWriter:
+    """The build process's end; also the drivers' Tracker."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def send(self, kind: str, **data) -> None:
+        line = (json.dumps({"kind": kind, **data}) + "\n").encode()
+        try:
+            os.write(self.fd, line)
+        except BrokenPipeError:
+            pass  # the supervisor is gone; the build still finishes in the database
+
+    def process_group(self, pgid: int) -> None:
+        self.send(PROCESS_GROUP, pgid=pgid)
+
+    def path(self, path: str) -> None:
+        self.send(PATH, path=path)
+
+    def result(self, build_id: int, status: str | None, error: str = "") -> None:
+        self.send(RESULT, build_id=build_id, status=status, error=error)
+
+
+class ReportReader:
+    """The supervisor's end: non-blocking, decoding whole lines as they come."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        os.set_blocking(fd, False)
+        self._buffer = b""
+
+    def read(self) -> tuple[list[Message], bool]:
+        """The messages readable now, and whether the build process closed its end."""
+        messages: list[Message] = []
+        while True:
+            try:
+                data = os.read(self.fd, _READ_SIZE)
+            except BlockingIOError:
+                return messages, False
+            if not data:
+                return messages, True
+            self._buffer += data
+            *lines, self._buffer = self._buffer.split(b"\n")
+            messages += [_decode(line) for line in lines]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _decode(line: bytes) -> Message:
+    try:
+        data = json.loads(line)
+        return Message(data.pop("kind"), data)
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return Message(UNREADABLE, {"line": line[:200].decode(errors="replace")})
