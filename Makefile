@@ -16,6 +16,7 @@ test:
 bench:
 	.ci/setup demo
 	$(VENV)/bin/python bench/dispatch.py
+	$(VENV)/bin/python bench/output.py
 
 # `make install` puts the worker in a virtualenv of its own and links the
 # command into $(PREFIX)/bin. The virtualenv is made at its final path:

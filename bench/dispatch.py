@@ -21,16 +21,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-from djinn import Server, Worker  # noqa: E402
-from services import DIST_SCHEMA, Postgres, Redis  # noqa: E402
+from harness import djinn
+from djinn import Server  # noqa: E402 (harness puts tests/ on the path)
 
 TRIVIAL = [("test", False, [("true", "true")])]
 CHILD_RSS = [("test", False, [("rss", "grep VmHWM /proc/$PPID/status")])]
@@ -93,41 +89,22 @@ def main() -> int:
     parser.add_argument("--throughput-builds", type=int, default=500)
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="djinn-bench-") as tmp:
-        base = Path(tmp)
-        base.chmod(0o755)
-        postgres, redis, worker = Postgres(base).start(), Redis(base).start(), None
-        try:
-            postgres.create_database("djinn", DIST_SCHEMA)
-            config = {
-                "parallelism": 2, "driver": "os", "queue": "builds", "timeout": "1m",
-                "database": {"addr": postgres.addr, "name": "djinn", "username": "postgres"},
-                "redis": {"addr": redis.addr},
-                **{s: {"type": "file", "path": str(base / s)} for s in ("images", "artifacts", "objects")},
-                "log": {"level": "info", "file": str(base / "worker.log")},
-            }
-            worker = Worker(base, config, {"ssh": {}}).start()
-            server = Server(postgres.connect("djinn"), redis.client(), "builds")
-            user = server.user()
+    with djinn() as (server, worker):
+        user = server.user()
 
-            latency(server, user, 10)  # warm up caches and connections
-            claimed, running = latency(server, user, args.latency_builds)
-            rate = throughput(server, user, args.throughput_builds)
-            probe = server.queue_build(CHILD_RSS, user_id=user)
-            server.wait(probe.id)
-            child_rss = server.job(probe.jobs["rss"])["output"].split("VmHWM:")[-1].split()[0]
-            supervisor_rss = peak_rss_kib(worker.proc.pid)
+        latency(server, user, 10)  # warm up caches and connections
+        claimed, running = latency(server, user, args.latency_builds)
+        rate = throughput(server, user, args.throughput_builds)
+        probe = server.queue_build(CHILD_RSS, user_id=user)
+        server.wait(probe.id)
+        child_rss = server.job(probe.jobs["rss"])["output"].split("VmHWM:")[-1].split()[0]
+        supervisor_rss = peak_rss_kib(worker.proc.pid)
 
-            print(f"dispatch latency over {len(claimed)} builds, push to build started_at: "
-                  f"{summary(claimed)} (target: median < 20 ms)")
-            print(f"  push to the first job's started_at in the child: {summary(running)}")
-            print(f"throughput over {args.throughput_builds} builds: {rate:.1f} builds/s (target: >= 50)")
-            print(f"peak RSS: supervisor {supervisor_rss / 1024:.1f} MiB, build child {int(child_rss) / 1024:.1f} MiB")
-        finally:
-            if worker:
-                worker.stop()
-            redis.stop()
-            postgres.stop()
+        print(f"dispatch latency over {len(claimed)} builds, push to build started_at: "
+              f"{summary(claimed)} (target: median < 20 ms)")
+        print(f"  push to the first job's started_at in the child: {summary(running)}")
+        print(f"throughput over {args.throughput_builds} builds: {rate:.1f} builds/s (target: >= 50)")
+        print(f"peak RSS: supervisor {supervisor_rss / 1024:.1f} MiB, build child {int(child_rss) / 1024:.1f} MiB")
     return 0
 
 

@@ -148,7 +148,10 @@ CREATE TABLE build_variables (
     build_id    INT     NOT NULL REFERENCES builds (id) ON DELETE CASCADE,
     variable_id INT     NULL,
     key         VARCHAR NOT NULL,
-    value       VARCHAR NOT NULL
+    value       VARCHAR NOT NULL,
+    -- Later Djinn schemas: a masked value is base64(nonce || AES-GCM
+    -- ciphertext) under the crypto key, and is never shown in any output.
+    masked      BOOLEAN DEFAULT FALSE
 );
 
 -- config holds the manifest's driver block as JSON ({"type": "docker", ...}).

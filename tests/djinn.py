@@ -101,9 +101,13 @@ class Server:
                         user_id, bid, build.jobs[job], hash_[0] if hash_ else uuid.uuid4().hex,
                         source, name,
                     )[0]["id"]
-            for key, value in variables:
-                self.sql("INSERT INTO build_variables (build_id, key, value) VALUES (%s, %s, %s)",
-                         bid, key, value)
+            for key, value, *masked in variables:
+                if masked:  # later schemas: (key, base64 ciphertext, True)
+                    self.sql("INSERT INTO build_variables (build_id, key, value, masked) "
+                             "VALUES (%s, %s, %s, %s)", bid, key, value, masked[0])
+                else:
+                    self.sql("INSERT INTO build_variables (build_id, key, value) VALUES (%s, %s, %s)",
+                             bid, key, value)
             for source, dest, object_id in objects:
                 build.objects[source] = self.sql(
                     "INSERT INTO build_objects (build_id, object_id, source, name) "

@@ -71,6 +71,10 @@ def assert_config_error(result, file: str, *words: str) -> None:
     ('[redis]\naddr = "redis:99999"', ["redis.addr", "1 to 65535"]),
     ('[smtp]\naddr = "mail:smtp"', ["smtp.addr", "'mail:smtp'"]),
     ('[smtp]\naddr = "/run/smtp.sock"', ["smtp.addr", "unix socket is not supported"]),
+    ('output_limit = "8 MB!"', ["output_limit", "bad size '8 MB!'", "like \"8MiB\""]),
+    ("output_limit = -1", ["output_limit", "bad size -1"]),
+    ('output_limit = "lots"', ["output_limit", "bad size 'lots'"]),
+    ("output_limit = true", ["output_limit", "bad size True"]),
 ])
 def test_worker_config_errors(tmp_path, worker, words):
     assert_config_error(run(tmp_path, worker), str(tmp_path / "worker.toml"), *words)

@@ -9,6 +9,7 @@ that tells the supervisor what to clean up should this process die.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -30,6 +31,8 @@ from djinn_worker.drivers.base import Driver
 from djinn_worker.stores.file import FileStore, StoreError
 
 log = logging.getLogger(__name__)
+
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
 
 
 @dataclass
@@ -77,7 +80,7 @@ def inputs_and_outputs(build: Build, config: WorkerConfig) -> dict:
         parts["objects"] = FileStore("objects", config.objects.path)
     if any(job.artifacts for stage in build.stages for job in stage.jobs):
         parts["artifacts"] = FileStore("artifacts", config.artifacts.path, config.artifacts.limit)
-    if build.keys and config.crypto_block:
+    if (build.keys or any(v.masked for v in build.variables)) and config.crypto_block:
         from .crypto import BlockCipher
         parts["cipher"] = BlockCipher(config.crypto_block)
     return parts
@@ -105,7 +108,7 @@ def run(payload: Payload, config: WorkerConfig, drivers: DriverConfig,
             runner = Runner(
                 build,
                 make_driver=lambda: make_driver(build, config, drivers, pipe, conn),
-                reporter=DatabaseReporter(conn, build),
+                reporter=DatabaseReporter(conn, build, config.output_limit),
                 cancel=cancel,
                 creating=timer.creating,
                 **inputs_and_outputs(build, config),
@@ -118,9 +121,24 @@ def run(payload: Payload, config: WorkerConfig, drivers: DriverConfig,
         conn.close()
 
 
+def _return_big_buffers() -> None:
+    """Keep glibc from holding on to freed output buffers.
+
+    Writing a capped log makes copies of megabytes at a time. glibc raises
+    its mmap threshold after the first such buffer is freed, and later ones
+    then come from the heap and stay in the process's memory after use; a
+    fixed threshold returns every big buffer to the system when it is freed.
+    """
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator has its own ways
+
+
 def main(payload: Payload, config: WorkerConfig, drivers: DriverConfig, report_fd: int) -> int:
     """Entry point in the forked child; returns the exit status for os._exit."""
     os.setsid()
+    _return_big_buffers()
     setproctitle(f"djinn-worker: build {payload.build_id}")
     pipe = ReportWriter(report_fd)
     try:

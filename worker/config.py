@@ -15,6 +15,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from .output import parse_size
+
 DRIVER_TYPES = ("docker", "qemu", "ssh", "os")
 # "*" means every driver that runs builds in isolation; "os" runs builds on
 # the worker's own host, so it has to be asked for by name.
@@ -183,6 +185,8 @@ class WorkerConfig:
     artifacts: StoreConfig
     objects: StoreConfig
     log: LogConfig
+    # Bytes stored of each job's output and of the build log; 0 = unlimited.
+    output_limit: int = 8 * 1024 * 1024
 
     @property
     def queues(self) -> list[str]:
@@ -367,7 +371,7 @@ def load_worker(path: str) -> WorkerConfig:
     """Load worker.toml; raises ConfigError naming the first thing wrong."""
     top = _Table(path, "", _read(path, "-config", "worker config"), {
         "parallelism", "driver", "queue", "timeout", "crypto", "smtp",
-        "database", "redis", "images", "artifacts", "objects", "log",
+        "database", "redis", "images", "artifacts", "objects", "log", "output_limit",
         # The original example worker.toml carries the server's OAuth
         # providers; accept them so existing configs load, and ignore them.
         "providers",
@@ -387,6 +391,12 @@ def load_worker(path: str) -> WorkerConfig:
     database = top.table("database", {"addr", "name", "username", "password"})
     redis = top.table("redis", {"addr", "password", "db"})
     log = top.table("log", {"level", "file"})
+    output_limit = WorkerConfig.output_limit
+    if "output_limit" in top.data:
+        try:
+            output_limit = parse_size(top.data["output_limit"])
+        except ValueError as exc:
+            raise top.error("output_limit", str(exc)) from None
     config = WorkerConfig(
         path=path,
         parallelism=top.natural("parallelism", 0),
@@ -410,6 +420,7 @@ def load_worker(path: str) -> WorkerConfig:
             level=log.choice("level", LOG_LEVELS, "info"),
             file=log.string("file", "/dev/stdout") or "/dev/stdout",
         ),
+        output_limit=output_limit,
     )
     for table, server in ((database, config.database), (redis, config.redis), (smtp, config.smtp)):
         if table is not smtp or server.enabled:

@@ -12,10 +12,11 @@ import psycopg2.extensions
 
 from .config import DatabaseConfig
 from .model import (
-    FAILED, RUNNING, Artifact, Build, FailureNotice, Job, Key, Object, Stage, Trigger,
+    FAILED, RUNNING, Artifact, Build, FailureNotice, Job, Key, Object, Stage, Trigger, Variable,
 )
 
 Connection = psycopg2.extensions.connection
+Error = psycopg2.Error
 
 
 class BuildRowError(Exception):
@@ -27,6 +28,7 @@ def connect(config: DatabaseConfig, application: str = "djinn-worker") -> Connec
     conn = psycopg2.connect(
         host=address.host, port=address.port, dbname=config.name, user=config.username,
         password=config.password, connect_timeout=10, application_name=application,
+        client_encoding="UTF8",
     )
     conn.autocommit = True
     return conn
@@ -103,11 +105,14 @@ def load_build(conn: Connection, build_id: int) -> Build:
                 raise BuildRowError(f"build_artifacts row {aid} belongs to job {job_id} of another build")
             jobs[job_id].artifacts.append(Artifact(aid, source, name, hash_))
 
+        # to_jsonb reads the masked column of later schemas, and is NULL
+        # where the column does not exist, without asking for the schema.
         cur.execute(
-            "SELECT key, value FROM build_variables WHERE build_id = %s ORDER BY id",
+            "SELECT key, value, COALESCE((to_jsonb(v)->>'masked')::boolean, FALSE) "
+            "FROM build_variables v WHERE build_id = %s ORDER BY id",
             (build_id,),
         )
-        build.variables = list(cur.fetchall())
+        build.variables = [Variable(*row) for row in cur.fetchall()]
 
         cur.execute(
             "SELECT name, key, config, location FROM build_keys WHERE build_id = %s ORDER BY id",
@@ -151,14 +156,57 @@ def _execute(conn: Connection, sql: str, args: tuple) -> None:
         cur.execute(sql, args)
 
 
-def append_output(conn: Connection, build_id: int, job_id: int | None, text: str) -> None:
-    """Add text to the build log and, when it came from a job, to that job's output."""
+# Bigger writes go one statement at a time: each is a copy of the text in
+# the query, and the build process's memory is bounded by the largest.
+_ONE_TRIP = 256 * 1024
+
+
+class Utf8Text:
+    """Output already encoded as UTF-8 (without NUL), sent as a string literal
+    as it is: decoding megabytes only for psycopg2 to encode them again would
+    cost a copy or two of the whole text."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def getquoted(self) -> bytes:
+        data = self.data
+        if b"\\" in data or b"'" in data:
+            data = data.replace(b"\\", b"\\\\").replace(b"'", b"''")
+        return b"".join((b"E'", data, b"'"))
+
+
+psycopg2.extensions.register_adapter(Utf8Text, lambda text: text)
+
+
+def write_output(conn: Connection, build_id: int, build_write: tuple[bytes, int | None] | None,
+                 job_id: int | None = None,
+                 job_write: tuple[bytes, int | None] | None = None) -> None:
+    """Store new output of the build log and of one job, small writes in one round trip.
+
+    Each write is (UTF-8 data, keep): keep is None to append the data, else
+    the number of characters stored so far to keep (a capped log's head)
+    with the data after them.
+    """
+    statements = []
+    for table, row, write in (("builds", build_id, build_write), ("build_jobs", job_id, job_write)):
+        if write is None:
+            continue
+        data, keep = write
+        if keep is None:
+            statements.append((f"UPDATE {table} SET output = COALESCE(output, '') || %s "
+                               "WHERE id = %s", (Utf8Text(data), row)))
+        else:
+            statements.append((f"UPDATE {table} SET output = left(output, %s) || %s WHERE id = %s",
+                               (keep, Utf8Text(data), row)))
+    if sum(len(args[-2].data) for _, args in statements) > _ONE_TRIP:
+        batches = [[statement] for statement in statements]
+    else:
+        batches = [statements] if statements else []
     with conn:
-        _execute(conn, "UPDATE builds SET output = COALESCE(output, '') || %s WHERE id = %s",
-                 (text, build_id))
-        if job_id is not None:
-            _execute(conn, "UPDATE build_jobs SET output = COALESCE(output, '') || %s WHERE id = %s",
-                     (text, job_id))
+        for batch in batches:
+            _execute(conn, "; ".join(sql for sql, _ in batch),
+                     tuple(arg for _, args in batch for arg in args))
 
 
 def start_job(conn: Connection, job_id: int) -> None:

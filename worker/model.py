@@ -72,6 +72,15 @@ class Key:
 
 
 @dataclass
+class Variable:
+    key: str
+    value: str
+    # Later Djinn schemas: value is then base64(nonce || AES-GCM ciphertext)
+    # and the plaintext must never be stored in any output.
+    masked: bool = False
+
+
+@dataclass
 class Build:
     id: int
     user_id: int
@@ -81,13 +90,9 @@ class Build:
     driver_type: str
     driver: dict
     stages: list[Stage] = field(default_factory=list)
-    variables: list[tuple[str, str]] = field(default_factory=list)
+    variables: list[Variable] = field(default_factory=list)
     keys: list[Key] = field(default_factory=list)
     objects: list[Object] = field(default_factory=list)
-
-    @property
-    def env(self) -> dict[str, str]:
-        return dict(self.variables)
 
 
 @dataclass(frozen=True)

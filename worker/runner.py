@@ -8,6 +8,8 @@ same code runs under the supervisor and in tests.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import codecs
 import io
 import logging
@@ -17,6 +19,7 @@ from typing import Callable, Protocol
 from djinn_worker.drivers.base import Driver, DriverError
 
 from .cancel import Cancel
+from .output import MIN_MASKED, Masker
 from .model import (
     FAILED, KILLED, PASSED, PASSED_WITH_FAILURES, Artifact, Build, Job, Object, Stage, done_line,
     worst,
@@ -27,6 +30,8 @@ log = logging.getLogger(__name__)
 CREATE_JOB = "create driver"
 SCRIPT_HEADER = "#!/bin/sh\nexec 2>&1\nset -ex\n\n"
 SSH_CONFIG_HEADER = "StrictHostKeyChecking no\nUserKnownHostsFile /dev/null\n"
+# Lines of key material this long or longer are masked wherever they appear.
+KEY_LINE_MASKED = 8
 
 
 class DriverNotEnabled(DriverError):
@@ -47,30 +52,35 @@ class Reporter(Protocol):
 
 
 class JobOutput:
-    """A job's output stream: bytes from the driver become safe text.
+    """A job's output stream: bytes from the driver become safe, masked text.
 
     Output may contain anything a program prints. Invalid UTF-8 becomes
     U+FFFD and NUL (which PostgreSQL TEXT refuses) becomes U+2400, so a
     build's log is always storable and still shows where the odd bytes were.
+    Secrets are masked across reads: the masker holds back only what could
+    still be the start of one, until the next read or close().
     """
 
-    def __init__(self, reporter: Reporter, job: Job | None):
+    def __init__(self, reporter: Reporter, job: Job | None, secrets: list[str] = ()):
         self.reporter, self.job = reporter, job
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._masker = Masker(secrets)
 
     def write(self, data: bytes) -> None:
-        self._emit(self._decoder.decode(data))
+        self._emit(self._masker.feed(self._decode(data)))
 
     def line(self, text: str) -> None:
-        self._emit(self._decoder.decode(b"", final=True))
-        self._emit(text + "\n")
+        self._emit(self._masker.feed(self._decode(b"", final=True) + text + "\n"))
 
     def close(self) -> None:
-        self._emit(self._decoder.decode(b"", final=True))
+        self._emit(self._masker.feed(self._decode(b"", final=True)) + self._masker.flush())
+
+    def _decode(self, data: bytes, final: bool = False) -> str:
+        return self._decoder.decode(data, final).replace("\0", "\u2400")
 
     def _emit(self, text: str) -> None:
         if text:
-            self.reporter.output(self.job, text.replace("\0", "\u2400"))
+            self.reporter.output(self.job, text)
 
 
 def script(commands: str) -> str:
@@ -101,9 +111,18 @@ class Runner:
         self.driver: Driver | None = None
         self.status = PASSED
         self._finished: set[int] = set()
+        self.env: dict[str, str] = {}
+        # Plaintexts masked in every output: masked variables and key lines.
+        self.secrets: list[str] = []
+        self._keys: dict[str, bytes | Exception] = {}
+        self._sealed = ""  # why a masked variable cannot be used
+
+    def _out(self, job: Job | None) -> JobOutput:
+        return JobOutput(self.reporter, job, self.secrets)
 
     def run(self) -> str:
         """Run the build to its end and return its final status."""
+        self._unseal()
         create_job = self._create_job()
         try:
             if self._create(create_job):
@@ -111,9 +130,42 @@ class Runner:
         finally:
             self._destroy()
         self._finish_unrun()
-        self.reporter.output(None, done_line(self.status))
+        done = self._out(None)
+        done.write(done_line(self.status).encode())
+        done.close()
         self.reporter.build_finished(self.status)
         return self.status
+
+    def _unseal(self) -> None:
+        """Decrypt masked variables and keys before anything is printed, so
+        that their plaintexts are masked in all output, driver creation's too."""
+        for var in self.build.variables:
+            value = var.value
+            if var.masked:
+                try:
+                    value = self._decrypt(var.value.encode()).decode()
+                except Exception as exc:  # base64's, the cipher's or UTF-8's errors
+                    self._sealed = self._sealed or f"cannot decrypt masked variable {var.key}: {_reason(exc)}"
+                    continue
+                self.secrets.append(value)
+            self.env[var.key] = value
+        for key in self.build.keys:
+            try:
+                material = self._keys[key.name] = self.cipher.decrypt(key.key)
+            except Exception as exc:  # the cipher's errors, or no cipher at all
+                self._keys[key.name] = exc
+                continue
+            self.secrets += [line for line in material.decode(errors="replace").splitlines()
+                             if len(line) >= KEY_LINE_MASKED]
+        short = Masker(self.secrets).short
+        if short:
+            log.info("build %s: %d masked value(s) shorter than %d characters are not masked",
+                     self.build.id, short, MIN_MASKED)
+
+    def _decrypt(self, value: bytes) -> bytes:
+        if self.cipher is None:
+            raise ValueError("crypto.block is not set in the worker config")
+        return self.cipher.decrypt(base64.b64decode(value, validate=True))
 
     def _create_job(self) -> Job | None:
         if self.build.stages and self.build.stages[0].jobs:
@@ -124,13 +176,15 @@ class Runner:
 
     def _create(self, job: Job | None) -> bool:
         """Create the driver and place inputs; the output is the create job's."""
-        out = JobOutput(self.reporter, job)
+        out = self._out(job)
         stage = self.build.stages[0] if job else None
         if job:
             self.reporter.stage_started(stage)
             self.reporter.job_started(job)
         status = PASSED
         try:
+            if self._sealed:
+                raise DriverError(self._sealed)
             self.driver = self.make_driver()
             self.cancel.on_cancel(self.driver.kill)
             with self.creating():
@@ -169,7 +223,9 @@ class Runner:
         for key in self.build.keys:
             out.line(f"Placing key {key.name} => {key.location}")
             try:
-                material = self.cipher.decrypt(key.key)
+                material = self._keys[key.name]
+                if isinstance(material, Exception):
+                    raise material
                 self.driver.put(key.location, io.BytesIO(material), 0o600)
             except Exception as exc:  # the cipher's and driver's errors alike
                 out.line(f"Failed to place key {key.name}: {exc}")
@@ -196,7 +252,6 @@ class Runner:
             self.reporter.object_placed(obj)
 
     def _stages(self, skip: Job | None) -> None:
-        env = self.build.env
         for stage in self.build.stages:
             jobs = [j for j in stage.jobs if j is not skip]
             if not jobs:
@@ -205,7 +260,7 @@ class Runner:
                 self.reporter.stage_started(stage)
             stage_status = PASSED
             for job in jobs:
-                status = self._job(stage, job, env)
+                status = self._job(stage, job, self.env)
                 stage_status = worst(stage_status, status)
                 if self.status not in (PASSED, PASSED_WITH_FAILURES):
                     break
@@ -214,7 +269,7 @@ class Runner:
                 return
 
     def _job(self, stage: Stage, job: Job, env: dict[str, str]) -> str:
-        out = JobOutput(self.reporter, job)
+        out = self._out(job)
         self.reporter.job_started(job)
         try:
             code = self.driver.run(script(job.commands), env, out)
@@ -271,4 +326,15 @@ class Runner:
             self.driver.destroy()
         except Exception as exc:
             log.exception("build %s: destroying the %s driver failed", self.build.id, self.driver.name)
-            self.reporter.output(None, f"Failed to destroy driver: {exc}\n")
+            out = self._out(None)
+            out.line(f"Failed to destroy driver: {exc}")
+            out.close()
+
+
+def _reason(exc: Exception) -> str:
+    """Why a value did not decrypt, never showing the value itself."""
+    if isinstance(exc, binascii.Error):
+        return "the value is not base64"
+    if isinstance(exc, UnicodeDecodeError):
+        return "the plaintext is not UTF-8 text"
+    return str(exc)
