@@ -91,6 +91,16 @@ CREATE TABLE builds (
 );
 
 -- Stages run in (created_at, id) order.
+-- Tags of a build; the worker adds "orphaned" when it runs a build again
+-- whose worker was lost.
+CREATE TABLE build_tags (
+    id         SERIAL    PRIMARY KEY,
+    user_id    INT       NOT NULL REFERENCES users (id),
+    build_id   INT       NOT NULL REFERENCES builds (id) ON DELETE CASCADE,
+    name       VARCHAR   NOT NULL,
+    created_at TIMESTAMP NOT NULL DEFAULT NOW()
+);
+
 CREATE TABLE build_stages (
     id          SERIAL    PRIMARY KEY,
     build_id    INT       NOT NULL REFERENCES builds (id) ON DELETE CASCADE,

@@ -60,40 +60,52 @@ def server(postgres, redis_server, schema):
     conn.close()
 
 
-@pytest.fixture
-def make_worker(tmp_path, postgres, redis_server, server, schema):
-    """Start a real djinn-worker on this test's queue; stopped after the test."""
-    started: list[Worker] = []
+class Workers:
+    """Real djinn-worker processes started from config files, as an operator does."""
 
-    def start(config: dict | None = None, drivers: dict | None = None, driver="os",
-              start: bool = True) -> Worker:
-        stores = tmp_path / "stores"
+    def __init__(self, tmp_path, postgres_addr: str, dbname: str, redis_addr: str, queue: str):
+        self.tmp_path, self.queue = tmp_path, queue
+        self.postgres_addr, self.dbname, self.redis_addr = postgres_addr, dbname, redis_addr
+        self.started: list[Worker] = []
+
+    def start(self, config: dict | None = None, drivers: dict | None = None, driver="os",
+              start: bool = True, hostname: str | None = None) -> Worker:
+        stores = self.tmp_path / "stores"
         base = {
             "parallelism": 1,
             "driver": driver,
-            "queue": server.queue,
+            "queue": self.queue,
             "timeout": "60s",
-            "database": {"addr": postgres.addr, "name": f"djinn_{schema}",
+            "database": {"addr": self.postgres_addr, "name": self.dbname,
                          "username": "postgres", "password": ""},
-            "redis": {"addr": redis_server.addr},
+            "redis": {"addr": self.redis_addr},
             "images": {"type": "file", "path": str(stores / "images")},
             "artifacts": {"type": "file", "path": str(stores / "artifacts"), "limit": 0},
             "objects": {"type": "file", "path": str(stores / "objects")},
-            "log": {"level": "debug", "file": str(tmp_path / f"worker-{len(started)}.log")},
+            "log": {"level": "debug",
+                    "file": str(self.tmp_path / f"worker-{len(self.started)}.log")},
         }
         for key, value in (config or {}).items():
             if isinstance(value, dict) and isinstance(base.get(key), dict):
                 base[key] = {**base[key], **value}
             else:
                 base[key] = value
-        workdir = tmp_path / f"worker-{len(started)}"
+        workdir = self.tmp_path / f"worker-{len(self.started)}"
         workdir.mkdir()
-        worker = Worker(workdir, base, drivers or {"ssh": {"timeout": "10s"}})
-        started.append(worker)
+        worker = Worker(workdir, base, drivers or {"ssh": {"timeout": "10s"}}, hostname)
+        self.started.append(worker)
         return worker.start() if start else worker
 
-    yield start
-    for worker in started:
-        if worker.proc and worker.proc.poll() is None:
-            worker.proc.kill()
-            worker.proc.wait()
+    def kill_all(self) -> None:
+        for worker in self.started:
+            if worker.proc and worker.proc.poll() is None:
+                worker.proc.kill()
+                worker.proc.wait()
+
+
+@pytest.fixture
+def make_worker(tmp_path, postgres, redis_server, server, schema):
+    """Start a real djinn-worker on this test's queue; stopped after the test."""
+    workers = Workers(tmp_path, postgres.addr, f"djinn_{schema}", redis_server.addr, server.queue)
+    yield workers.start
+    workers.kill_all()

@@ -196,21 +196,32 @@ def write_toml(path: Path, data: dict) -> Path:
 class Worker:
     """A real djinn-worker process started from config files."""
 
-    def __init__(self, workdir: Path, config: dict, drivers: dict):
+    def __init__(self, workdir: Path, config: dict, drivers: dict, hostname: str | None = None):
+        # hostname: run in a UTS namespace of its own under that host name,
+        # which is how one machine plays several hosts of a fleet.
         self.workdir = workdir
         self.config_path = write_toml(workdir / "worker.toml", config)
         self.driver_path = write_toml(workdir / "driver.toml", drivers)
         self.log_path = Path(config["log"]["file"])
+        self.hostname = hostname
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> Worker:
+    def start(self, wait: str | None = "started") -> Worker:
+        argv = [WORKER_BIN, "-config", str(self.config_path), "-driver", str(self.driver_path)]
+        if self.hostname:
+            argv = ["unshare", "--uts", "sh", "-c", f'hostname "$0" && exec "$@"',
+                    self.hostname] + argv
         self.proc = subprocess.Popen(
-            [WORKER_BIN, "-config", str(self.config_path), "-driver", str(self.driver_path)],
-            stdout=subprocess.DEVNULL, stderr=open(self.workdir / "stderr", "wb"),
+            argv, stdout=subprocess.DEVNULL, stderr=open(self.workdir / "stderr", "wb"),
             cwd=self.workdir,
         )
-        self.wait_log("started")
+        if wait:
+            self.wait_log(wait)
         return self
+
+    @property
+    def stderr(self) -> str:
+        return (self.workdir / "stderr").read_text()
 
     @property
     def log(self) -> str:

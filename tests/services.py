@@ -11,6 +11,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -78,13 +79,24 @@ class Postgres:
         data = self.dir / "data"
         self._run(str(self.bin / "initdb"), "-D", str(data), "-U", "postgres",
                   "--auth=trust", "-E", "UTF8", "--no-sync", "--no-instructions")
+        return self._launch()
+
+    def restart(self, down: float) -> None:
+        """Stop the server, stay away for `down` seconds, and start it again
+        on the same port with the same data, as an operator's restart does."""
+        self._terminate()
+        time.sleep(down)
+        self._launch()
+
+    def _launch(self) -> Postgres:
+        data = self.dir / "data"
         self.proc = subprocess.Popen(
             [str(self.bin / "postgres"), "-D", str(data), "-p", str(self.port),
              "-k", str(self.dir), "-c", "listen_addresses=127.0.0.1",
              "-c", "fsync=off", "-c", "synchronous_commit=off",
              "-c", "full_page_writes=off", "-c", "max_connections=200",
              "-c", "timezone=UTC"],
-            user=self.user, stdout=subprocess.DEVNULL, stderr=open(self.dir / "log", "wb"),
+            user=self.user, stdout=subprocess.DEVNULL, stderr=open(self.dir / "log", "ab"),
         )
         _wait(lambda: self.connect("postgres").close(), "PostgreSQL")
         return self
@@ -111,14 +123,18 @@ class Postgres:
                 cur.execute(extra)
         conn.close()
 
-    def stop(self) -> None:
+    def _terminate(self) -> None:
         if self.proc:
-            self.proc.terminate()
+            # SIGINT: PostgreSQL's fast shutdown, which ends every session at once.
+            self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def stop(self) -> None:
+        self._terminate()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -127,6 +143,13 @@ class Redis:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="djinn-test-redis-", dir=parent))
         self.proc: subprocess.Popen | None = None
+
+    def restart(self, down: float) -> None:
+        """Stop the server, stay away for `down` seconds, start it again on the same port."""
+        self.proc.terminate()
+        self.proc.wait(15)
+        time.sleep(down)
+        self.start()
 
     def start(self) -> Redis:
         self.proc = subprocess.Popen(

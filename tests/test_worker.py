@@ -275,20 +275,30 @@ def test_second_sigterm_kills_running_builds(server, make_worker):
     assert processes_with(f"sleep {sleep}") == []
 
 
-def test_restart_fails_builds_whose_processes_died_with_the_worker(server, make_worker):
-    """A reboot or OOM takes supervisor and build process: the next start cleans up."""
-    worker = make_worker()
-    sleep = marker()
-    build = server.queue_build([("slow", False, [("slow", f"sleep {sleep}")])])
-    server.wait_job(build.jobs["slow"])
+def once_then(text: str, sleep: str, flag) -> str:
+    """Job commands that sleep on their first run and pass on the next."""
+    return f"if [ -e {flag} ]; then echo {text}; else touch {flag}; sleep {sleep}; fi"
+
+
+def kill_worker_and_build(worker, sleep: str) -> None:
+    """What a reboot or the OOM killer does: supervisor and build process die."""
     (child,) = worker.children()
     worker.proc.kill()
     os.killpg(child, signal.SIGKILL)
     worker.proc.wait()
     for line in processes_with(f"sleep {sleep}"):
         os.kill(int(line.split(":")[0]), signal.SIGKILL)
-    assert server.build(build.id)["status"] == "running"
 
+
+def test_restart_reruns_builds_whose_processes_died_with_the_worker(server, make_worker, tmp_path):
+    """The next start finds the build orphaned: it runs it again, once."""
+    worker = make_worker()
+    sleep = marker()
+    build = server.queue_build([("slow", False, [("slow", once_then("second run", sleep,
+                                                                   tmp_path / "ran"))])])
+    server.wait_job(build.jobs["slow"])
+    kill_worker_and_build(worker, sleep)
+    assert server.build(build.id)["status"] == "running"
     (build_dir,) = [line.split()[-1] for line in server.job(build.jobs["create driver"])["output"].splitlines()
                     if line.startswith("Build directory ")]
     build_dir = os.path.dirname(build_dir)
@@ -296,12 +306,32 @@ def test_restart_fails_builds_whose_processes_died_with_the_worker(server, make_
 
     again = make_worker()
     row = server.wait(build.id, timeout=15)
-    assert row["status"] == "failed"
-    assert row["output"].endswith("The worker stopped while this build was running\nDone. Run failed\n")
+    assert row["status"] == "passed", row["output"]
+    assert row["output"].startswith("Build orphaned: this worker lost it at ")
+    assert "second run" in server.job(build.jobs["slow"])["output"]
+    assert server.sql("SELECT name FROM build_tags WHERE build_id = %s", build.id) == [{"name": "orphaned"}]
+    again.wait_log(f"build {build.id}: orphaned by this worker; put back on {server.queue}")
     again.wait_log(f"build {build.id}: removed {build_dir}")
     assert not os.path.exists(build_dir)
+
+
+def test_a_build_orphaned_twice_fails(server, make_worker):
+    worker = make_worker()
+    sleep = marker()
+    build = server.queue_build([("slow", False, [("slow", f"sleep {sleep}")])])
+    server.wait_job(build.jobs["slow"])
+    kill_worker_and_build(worker, sleep)
+    again = make_worker()
+    again.wait_log(f"build {build.id}: orphaned by this worker")
+    server.wait_job(build.jobs["slow"])
+    kill_worker_and_build(again, sleep)
+    third = make_worker()
+    row = server.wait(build.id, timeout=15)
+    assert row["status"] == "failed"
+    assert row["output"].endswith("Done. Run failed\n")
+    assert "Build orphaned again: this worker lost it at " in row["output"]
     assert server.job(build.jobs["slow"])["status"] == "failed"
-    again.wait_log(f"build {build.id}: left running by an earlier start of this worker; marked failed")
+    third.wait_log(f"build {build.id}: orphaned a second time by this worker; marked failed")
     assert server.wait(server.queue_build().id)["status"] == "passed"
 
 
@@ -312,14 +342,14 @@ def test_restart_leaves_builds_that_outlived_the_worker_to_their_process(server,
     worker.proc.kill()
     worker.proc.wait()
     again = make_worker()
-    again.wait_log(f"build {build.id}: still run by a process of an earlier start")
+    again.wait_log(f"build {build.id}: still run by a process of this worker; left to it")
     assert server.wait(build.id)["status"] == "passed"
 
 
-def test_build_whose_end_could_not_be_recorded_is_failed_at_the_next_start(
-        server, make_worker, postgres, schema):
-    worker = make_worker()
-    build = server.queue_build([("slow", False, [("slow", "sleep 60")])])
+def test_build_whose_end_could_not_be_recorded_is_run_again_when_the_database_is_back(
+        server, make_worker, postgres, schema, tmp_path):
+    worker = make_worker({"lease_ttl": "3s"})
+    build = server.queue_build([("slow", False, [("slow", once_then("again", "60", tmp_path / "f"))])])
     server.wait_job(build.jobs["slow"])
     dbname = f"djinn_{schema}"
     admin = postgres.connect("postgres")
@@ -330,17 +360,18 @@ def test_build_whose_end_could_not_be_recorded_is_failed_at_the_next_start(
                         "WHERE datname = %s AND application_name = 'djinn-worker'", (dbname,))
         (child,) = worker.children()
         os.killpg(child, signal.SIGKILL)
-        worker.wait_log(f"build {build.id}: could not record that its process died")
+        worker.wait_log(f"build {build.id}, whose process died, is settled once it is back")
+        time.sleep(3)
         assert server.build(build.id)["status"] == "running"
+        assert worker.log.count("(retrying until it is back)") == 1, "one line per outage"
     finally:
         with admin.cursor() as cur:
             cur.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS true')
         admin.close()
-    assert worker.stop() == 0
-    make_worker()
     row = server.wait(build.id, timeout=15)
-    assert row["status"] == "failed"
-    assert "The worker stopped while this build was running" in row["output"]
+    assert row["status"] == "passed", row["output"]
+    assert row["output"].startswith("Build orphaned: this worker lost it at ")
+    worker.wait_log("is back after")
 
 
 def ps_args(pid: int) -> str:

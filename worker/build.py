@@ -21,7 +21,8 @@ from .cancel import BuildTimer, Cancel
 from .config import DriverConfig, WorkerConfig, host_arch
 from .model import FAILED, KILLED, Build, done_line
 from .notify import notify
-from .queue import KillWatcher, Payload
+from .queue import Payload
+from . import report
 from .report import ReportWriter
 from .reporter import DatabaseReporter
 from .runner import DriverNotEnabled, Runner
@@ -86,39 +87,41 @@ def inputs_and_outputs(build: Build, config: WorkerConfig) -> dict:
     return parts
 
 
-def run(payload: Payload, config: WorkerConfig, drivers: DriverConfig,
+def run(payload: Payload, claimed: db.Claimed, config: WorkerConfig, drivers: DriverConfig,
         pipe: ReportWriter) -> Outcome:
-    """Run one claimed build to its end; the caller exits the process after."""
+    """Run one claimed build to its end; the caller exits the process after.
+
+    The supervisor forks with SIGTERM blocked: a kill it forwards before the
+    handler is in place waits until it is, and is never lost.
+    """
     cancel = Cancel()
     signal.signal(signal.SIGTERM, lambda *_: cancel.cancel(KILLED))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    conn = db.connect(config.database, application="djinn-worker build")
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    session = db.Session(config.database, claimed, config.database.outage)
     timer = BuildTimer(config.timeout, cancel)
     try:
-        db.hold_build_lock(conn, payload.build_id)
+        session.open()
         try:
-            build = db.load_build(conn, payload.build_id)
+            build = session.call(db.load_build, payload.build_id)
         except db.BuildRowError as exc:
             log.error("build %s: %s", payload.build_id, exc)
-            db.abandon_build(conn, payload.build_id, FAILED, f"{exc}\n{done_line(FAILED)}")
+            session.call(db.abandon_build, payload.build_id, FAILED, f"{exc}\n{done_line(FAILED)}")
             return Outcome(payload.build_id, FAILED, str(exc))
         setproctitle(f"djinn-worker: build {build.id} ({build.driver_type})")
-        watcher = KillWatcher(config.redis, build.id, build.secret, lambda: cancel.cancel(KILLED))
-        try:
-            runner = Runner(
-                build,
-                make_driver=lambda: make_driver(build, config, drivers, pipe, conn),
-                reporter=DatabaseReporter(conn, build, config.output_limit),
-                cancel=cancel,
-                creating=timer.creating,
-                **inputs_and_outputs(build, config),
-            )
-            return Outcome(build.id, runner.run())
-        finally:
-            watcher.stop()
+        runner = Runner(
+            build,
+            make_driver=lambda: session.call(
+                lambda conn: make_driver(build, config, drivers, pipe, conn)),
+            reporter=DatabaseReporter(session, build, config.output_limit),
+            cancel=cancel,
+            creating=timer.creating,
+            **inputs_and_outputs(build, config),
+        )
+        return Outcome(build.id, runner.run())
     finally:
         timer.stop()
-        conn.close()
+        session.close()
 
 
 def _return_big_buffers() -> None:
@@ -135,14 +138,20 @@ def _return_big_buffers() -> None:
         pass  # not glibc: its allocator has its own ways
 
 
-def main(payload: Payload, config: WorkerConfig, drivers: DriverConfig, report_fd: int) -> int:
+def main(payload: Payload, claimed: db.Claimed, config: WorkerConfig, drivers: DriverConfig,
+         report_fd: int) -> int:
     """Entry point in the forked child; returns the exit status for os._exit."""
     os.setsid()
     _return_big_buffers()
     setproctitle(f"djinn-worker: build {payload.build_id}")
     pipe = ReportWriter(report_fd)
     try:
-        outcome = run(payload, config, drivers, pipe)
+        outcome = run(payload, claimed, config, drivers, pipe)
+    except db.StopBuild as exc:
+        log.error("%s; stopped without writing", exc)
+        pipe.result(payload.build_id, None, str(exc),
+                    stop=report.LOST if isinstance(exc, db.LostBuild) else report.UNAVAILABLE)
+        return 1
     except Exception as exc:
         log.exception("build %s: the build process failed", payload.build_id)
         pipe.result(payload.build_id, None, f"{type(exc).__name__}: {exc}")

@@ -2,7 +2,7 @@
 
 Exit status 2 means the configuration is wrong (nothing was touched), 1 that
 a service could not be reached at start-up, 3 that another worker holds the
-pidfile, 0 a clean stop.
+pidfile or the lease of this worker's identity, 0 a clean stop.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import redis
 from . import __version__
 from .config import ConfigError, DriverConfig, LogConfig, WorkerConfig, load_drivers, load_worker
 from .daemon import AlreadyRunning, Daemon, PidFile
+from .queue import LeaseHeld
 
 EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 1
@@ -104,6 +105,13 @@ def serve(config: WorkerConfig, drivers: DriverConfig, handler: logging.Handler,
         problem = f"cannot connect to the database at {config.database.addr}: {str(exc).strip()}"
     except redis.RedisError as exc:
         problem = f"cannot connect to redis at {config.redis.addr}: {exc}"
+    except LeaseHeld as exc:
+        logging.error("%s", exc)
+        if daemon:
+            daemon.failed(str(exc))
+        else:
+            print(f"djinn-worker: {exc}", file=sys.stderr)
+        return EXIT_RUNNING
     except Exception as exc:
         # A daemon's stderr is /dev/null: the log is the only place left.
         logging.exception("djinn-worker stopped on an unexpected error")

@@ -146,6 +146,8 @@ class DatabaseConfig:
     name: str = "djinn"
     username: str = "djinn-worker"
     password: str = ""
+    # How long a build process rides out PostgreSQL being away.
+    outage: float = 300.0
 
     @property
     def address(self) -> Address:
@@ -187,6 +189,8 @@ class WorkerConfig:
     log: LogConfig
     # Bytes stored of each job's output and of the build log; 0 = unlimited.
     output_limit: int = 8 * 1024 * 1024
+    # A worker not heard of for this long is gone: its builds are recovered.
+    lease_ttl: float = 30.0
 
     @property
     def queues(self) -> list[str]:
@@ -372,6 +376,7 @@ def load_worker(path: str) -> WorkerConfig:
     top = _Table(path, "", _read(path, "-config", "worker config"), {
         "parallelism", "driver", "queue", "timeout", "crypto", "smtp",
         "database", "redis", "images", "artifacts", "objects", "log", "output_limit",
+        "lease_ttl",
         # The original example worker.toml carries the server's OAuth
         # providers; accept them so existing configs load, and ignore them.
         "providers",
@@ -388,7 +393,7 @@ def load_worker(path: str) -> WorkerConfig:
         )
 
     smtp = top.table("smtp", {"addr", "ca", "admin", "username", "password"})
-    database = top.table("database", {"addr", "name", "username", "password"})
+    database = top.table("database", {"addr", "name", "username", "password", "outage"})
     redis = top.table("redis", {"addr", "password", "db"})
     log = top.table("log", {"level", "file"})
     output_limit = WorkerConfig.output_limit
@@ -406,8 +411,10 @@ def load_worker(path: str) -> WorkerConfig:
         crypto_block=block.encode() if block is not None else None,
         smtp=SMTPConfig(**{k: smtp.string(k) for k in smtp.data}),
         database=DatabaseConfig(
-            **{k: database.string(k) for k in database.data}
+            **{k: database.string(k) for k in database.data if k != "outage"},
+            outage=database.duration("outage", DatabaseConfig.outage),
         ),
+        lease_ttl=top.duration("lease_ttl", WorkerConfig.lease_ttl),
         redis=RedisConfig(
             addr=redis.string("addr", RedisConfig.addr),
             password=redis.string("password"),

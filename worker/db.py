@@ -7,13 +7,23 @@ multi-statement changes use an explicit transaction.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Callable
+
 import psycopg2
 import psycopg2.extensions
 
 from .config import DatabaseConfig
 from .model import (
-    FAILED, RUNNING, Artifact, Build, FailureNotice, Job, Key, Object, Stage, Trigger, Variable,
+    FAILED, RUNNING, Artifact, Build, FailureNotice, Job, Key, Object, Stage, StopBuild, Trigger,
+    Variable,
 )
+
+log = logging.getLogger(__name__)
 
 Connection = psycopg2.extensions.connection
 Error = psycopg2.Error
@@ -34,23 +44,38 @@ def connect(config: DatabaseConfig, application: str = "djinn-worker") -> Connec
     return conn
 
 
-def claim(conn: Connection, build_id: int) -> str | None:
-    """Mark a queued build running; None on success, else why it was not claimed.
+class ClaimRefused(Exception):
+    """The build cannot be claimed; the message says why."""
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A claim: the build's kill secret, and its started_at, which tells this
+    run of the build from any later one."""
+
+    build_id: int
+    secret: str | None
+    started_at: datetime
+
+
+def claim(conn: Connection, build_id: int) -> Claimed:
+    """Mark a queued build running, or raise ClaimRefused.
 
     The status check and the update are one statement, so two workers given
     the same build id can never both run it.
     """
     with conn.cursor() as cur:
         cur.execute(
-            "UPDATE builds SET status = 'running', started_at = NOW() "
-            "WHERE id = %s AND status = 'queued' RETURNING id",
+            "UPDATE builds SET status = 'running', started_at = clock_timestamp() "
+            "WHERE id = %s AND status = 'queued' RETURNING secret, started_at",
             (build_id,),
         )
-        if cur.fetchone():
-            return None
+        row = cur.fetchone()
+        if row:
+            return Claimed(build_id, row[0], row[1])
         cur.execute("SELECT status FROM builds WHERE id = %s", (build_id,))
         row = cur.fetchone()
-    return "no such build" if row is None else f"the build is already {row[0]}"
+    raise ClaimRefused("no such build" if row is None else f"the build is already {row[0]}")
 
 
 def load_build(conn: Connection, build_id: int) -> Build:
@@ -276,26 +301,143 @@ def _abandon(cur, build_id: int, status: str, line: str) -> bool:
 _BUILD_LOCKS = 0x646A696E
 
 
-def hold_build_lock(conn: Connection, build_id: int) -> None:
-    """Held by a build process for as long as its connection lives.
+def take_build(conn: Connection, claimed: Claimed) -> bool:
+    """Take the build's lock for as long as this connection lives, if this
+    claim is still the build's run; False if another process has it, or the
+    build was settled or run again meanwhile.
 
     PostgreSQL drops the lock when the process dies, whatever kills it, so
     the lock says whether anybody is still running the build.
     """
-    _execute(conn, "SELECT pg_advisory_lock(%s, %s)", (_BUILD_LOCKS, build_id))
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_try_advisory_lock(%s, %s)", (_BUILD_LOCKS, claimed.build_id))
+        if not cur.fetchone()[0]:
+            return False
+        cur.execute("SELECT status, started_at FROM builds WHERE id = %s", (claimed.build_id,))
+        row = cur.fetchone()
+        if row == (RUNNING, claimed.started_at):
+            return True
+        cur.execute("SELECT pg_advisory_unlock(%s, %s)", (_BUILD_LOCKS, claimed.build_id))
+    return False
 
 
-def abandon_orphan(conn: Connection, build_id: int, line: str) -> str:
-    """Fail a build left running by a worker that is gone: 'failed', or why not.
+ORPHANED = "orphaned"
 
-    Returns 'running' while a build process still holds the build's lock
-    (it will finish the build itself) and 'finished' when it already ended.
+
+def recover_orphan(conn: Connection, build_id: int, rerun_line: str, failed_line: str,
+                   requeue: Callable[[], None]) -> str:
+    """Settle a build whose worker is gone: what was done, as one word.
+
+    'running' while a build process still holds its lock (it finishes the
+    build itself), 'finished' if it already ended. Otherwise the build was
+    orphaned: the first time it is run again ('requeued': its rows reset,
+    tagged orphaned, requeue() called before the change is committed, so a
+    build is never queued with no payload for it), the second time it ends
+    'failed'.
     """
     with conn, conn.cursor() as cur:
         cur.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", (_BUILD_LOCKS, build_id))
         if not cur.fetchone()[0]:
             return RUNNING
-        return FAILED if _abandon(cur, build_id, FAILED, line) else "finished"
+        cur.execute("SELECT status FROM builds WHERE id = %s FOR UPDATE", (build_id,))
+        row = cur.fetchone()
+        if row is None or row[0] != RUNNING:
+            return "finished"
+        cur.execute("SELECT 1 FROM build_tags WHERE build_id = %s AND name = %s",
+                    (build_id, ORPHANED))
+        if cur.fetchone():
+            _abandon(cur, build_id, FAILED, failed_line)
+            return FAILED
+        cur.execute("INSERT INTO build_tags (user_id, build_id, name) "
+                    "SELECT user_id, id, %s FROM builds WHERE id = %s", (ORPHANED, build_id))
+        for sql in (
+            "UPDATE build_jobs SET status = 'queued', output = NULL, started_at = NULL, "
+            "finished_at = NULL WHERE build_id = %s",
+            "UPDATE build_stages SET status = 'queued', started_at = NULL, finished_at = NULL "
+            "WHERE build_id = %s",
+            "UPDATE build_objects SET placed = FALSE WHERE build_id = %s",
+            "UPDATE build_artifacts SET size = NULL, md5 = NULL, sha256 = NULL WHERE build_id = %s",
+        ):
+            cur.execute(sql, (build_id,))
+        cur.execute("UPDATE builds SET status = 'queued', output = %s, started_at = NULL, "
+                    "finished_at = NULL WHERE id = %s", (rerun_line, build_id))
+        requeue()
+        return "requeued"
+
+
+class LostBuild(StopBuild):
+    """Another process runs the build now: one writer per build."""
+
+
+class Unavailable(StopBuild):
+    """PostgreSQL stayed away longer than database.outage allows."""
+
+
+class Session:
+    """A build process's connection to PostgreSQL, kept through outages.
+
+    Every statement goes through call(): when the server goes away, it
+    reconnects with backoff, takes the build's lock again and checks that
+    the build is still this run's, then repeats the statement. Shared by the
+    build's threads; one of them reconnects while the others wait.
+    """
+
+    def __init__(self, config: DatabaseConfig, claimed: Claimed, outage: float):
+        self.config, self.claimed, self.outage = config, claimed, outage
+        self.conn: Connection | None = None
+        self._lock = threading.RLock()
+        self._stopped: StopBuild | None = None
+
+    def open(self) -> None:
+        """Connect and take the build; LostBuild if it is no longer ours."""
+        self.conn = connect(self.config, application="djinn-worker build")
+        if not take_build(self.conn, self.claimed):
+            self._stop(LostBuild(f"build {self.claimed.build_id} is run by another process"))
+
+    def call(self, work: Callable, *args):
+        with self._lock:
+            while True:
+                if self._stopped:
+                    raise self._stopped
+                try:
+                    return work(self.conn, *args)
+                except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+                    self._reconnect(exc)
+
+    def _reconnect(self, exc: Exception) -> None:
+        build_id = self.claimed.build_id
+        log.error("build %s: database at %s: %s; reconnecting for up to %gs", build_id,
+                  self.config.addr, str(exc).strip() or type(exc).__name__, self.outage)
+        self.close()
+        deadline, delay = time.monotonic() + self.outage, 0.1
+        while True:
+            try:
+                self.conn = connect(self.config, application="djinn-worker build")
+                taken = take_build(self.conn, self.claimed)
+            except psycopg2.Error:
+                self.close()
+                if time.monotonic() + delay > deadline:
+                    self._stop(Unavailable(
+                        f"build {build_id}: the database at {self.config.addr} stayed away "
+                        f"longer than database.outage ({self.outage:g}s)"))
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if not taken:
+                self._stop(LostBuild(f"build {build_id}: another worker took the build over "
+                                     "while the database was away"))
+            log.info("build %s: database back; carrying on", build_id)
+            return
+
+    def _stop(self, reason: StopBuild) -> None:
+        self._stopped = reason
+        self.close()
+        raise reason
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
 
 def failure_notice(conn: Connection, build_id: int, status: str, host: str) -> FailureNotice:

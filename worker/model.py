@@ -21,6 +21,11 @@ MAILED = (FAILED, KILLED, TIMED_OUT)
 _RANK = {PASSED: 0, PASSED_WITH_FAILURES: 1, FAILED: 2, KILLED: 3, TIMED_OUT: 3}
 
 
+class StopBuild(Exception):
+    """Whatever records the build can no longer do so: the build process
+    stops at once and writes nothing more (its driver is still destroyed)."""
+
+
 def worst(a: str, b: str) -> str:
     """The more severe of two finished statuses (a wins ties)."""
     return b if _RANK[b] > _RANK[a] else a

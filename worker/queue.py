@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
+import os
+import socket
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -72,20 +74,40 @@ def claims_key(identity: str) -> str:
     return f"djinn-worker:{identity}:claimed"
 
 
-class Claims:
-    """The payloads of builds this worker claimed and has not seen end, in Redis.
+def lease_key(identity: str) -> str:
+    return f"djinn-worker:lease:{identity}"
 
-    A worker whose host rebooted, or whose build processes died with it,
-    leaves those builds `running` with nobody to finish them; this record
-    tells the next start of the same worker which builds to look at, and
-    which temporary files of theirs to remove.
+
+# Every identity that has recorded claims: where any worker looks for builds
+# whose worker is gone.
+WORKERS_KEY = "djinn-worker:workers"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A build a worker claimed, as recorded until it ends."""
+
+    payload: Payload
+    queue: str
+    boot: str = ""  # the boot of the claimer's host: its files are there
+
+
+class Claims:
+    """The builds one worker identity claimed and has not seen end, in Redis.
+
+    Whoever finds the worker gone (its own next start, or any worker once
+    its lease has expired) reads this record to settle those builds, and to
+    remove the temporary files of theirs that were on its host.
     """
 
     def __init__(self, client: redis.Redis, identity: str):
-        self.client, self.key = client, claims_key(identity)
+        self.client, self.identity, self.key = client, identity, claims_key(identity)
 
-    def add(self, payload: Payload) -> None:
-        self.client.hset(self.key, str(payload.build_id), encode_payload(payload.build_id, payload.host))
+    def add(self, payload: Payload, queue: str) -> None:
+        value = json.dumps({"build_id": payload.build_id, "host": payload.host, "queue": queue,
+                            "boot": boot_id()})
+        self.client.pipeline().sadd(WORKERS_KEY, self.identity) \
+            .hset(self.key, str(payload.build_id), value).execute()
 
     def add_path(self, build_id: int, path: str) -> None:
         """A file or directory of the build's driver, to remove if nobody else does."""
@@ -100,14 +122,205 @@ class Claims:
     def _paths(self, build_id: int) -> str:
         return f"{self.key}:{build_id}:paths"
 
-    def payloads(self) -> list[Payload]:
+    def claims(self) -> list[Claim]:
         found = []
         for raw in self.client.hvals(self.key):
             try:
-                found.append(parse_payload(raw))
-            except PayloadError:
-                log.error("ignored %r in %s: not a payload", raw[:200], self.key)
-        return sorted(found, key=lambda p: p.build_id)
+                data = json.loads(raw)
+                found.append(Claim(parse_payload(raw), str(data.get("queue") or ""),
+                                   str(data.get("boot") or "")))
+            except (PayloadError, ValueError, AttributeError):
+                log.error("ignored %r in %s: not a claim", raw[:200], self.key)
+        return sorted(found, key=lambda c: c.payload.build_id)
+
+    def forget_if_empty(self) -> None:
+        """Drop this identity from the workers to look at once nothing is claimed."""
+        if not self.client.exists(self.key):
+            self.client.srem(WORKERS_KEY, self.identity)
+
+
+def identities(client: redis.Redis) -> list[str]:
+    return sorted(i.decode() for i in client.smembers(WORKERS_KEY))
+
+
+class LeaseHeld(Exception):
+    """Another live worker holds the lease of this identity."""
+
+
+# Refreshes the lease only while it is still ours.
+_REFRESH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class Lease:
+    """A worker's claim to its identity while it lives: a key with a TTL.
+
+    Refreshed from the supervisor's loop; when it expires, the worker is
+    taken for gone and any worker on the queue settles its builds. The
+    value names the holder's host boot and pid, so a restart on the same
+    host after a crash can tell that the holder is dead and take over at once.
+    """
+
+    def __init__(self, client: redis.Redis, identity: str, ttl: float):
+        self.client, self.identity, self.ttl = client, identity, ttl
+        self.key = lease_key(identity)
+        self.value = json.dumps({"identity": identity, "boot": boot_id(), "pid": os.getpid(),
+                                 "since": time.time()})
+
+    def acquire(self) -> str | None:
+        """Take the lease; returns a note when a dead holder's lease was taken over.
+
+        Raises LeaseHeld while another live worker holds it.
+        """
+        ttl = int(self.ttl * 1000)
+        if self.client.set(self.key, self.value, px=ttl, nx=True):
+            return None
+        raw = self.client.get(self.key)
+        try:
+            holder = json.loads(raw) if raw else {}
+        except ValueError:
+            holder = {}
+        if raw and holder.get("boot") == boot_id() and holder.get("pid") == os.getpid():
+            pass  # ours already (a second acquire)
+        elif raw and not (holder.get("boot") == boot_id() and not _alive(holder.get("pid"))):
+            raise LeaseHeld(
+                f"another worker with identity {self.identity} holds its lease "
+                f"(pid {holder.get('pid', '?')}, boot {str(holder.get('boot', '?'))[:8]}); "
+                f"it expires {self.ttl:g}s after that worker stops refreshing it")
+        self.client.set(self.key, self.value, px=ttl)
+        return f"took over the lease of process {holder.get('pid')}, which is gone" if raw else None
+
+    def refresh(self) -> bool:
+        """False if the lease was lost (it expired and was taken meanwhile)."""
+        ttl = int(self.ttl * 1000)
+        if self.client.eval(_REFRESH, 1, self.key, self.value, ttl):
+            return True
+        return bool(self.client.set(self.key, self.value, px=ttl, nx=True))
+
+    def release(self) -> None:
+        self.client.eval(_RELEASE, 1, self.key, self.value)
+
+    @staticmethod
+    def expired(client: redis.Redis, identity: str) -> bool:
+        return not client.exists(lease_key(identity))
+
+
+def boot_id() -> str:
+    """This boot of this host: a pid means nothing across a reboot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class KillChannel:
+    """The supervisor's one subscription to the kill channels of its builds.
+
+    A build is subscribed before it is claimed, so a kill the server sends
+    the moment the build turns running finds a listener. The connection's
+    socket is watched by the event loop; after Redis comes back, every
+    channel is subscribed again.
+    """
+
+    def __init__(self, config: RedisConfig):
+        self.config = config
+        self.builds: set[int] = set()
+        self._pubsub = None
+        self._waiting: list[tuple[int, bytes]] = []
+
+    def socket(self):
+        """The subscription's socket, or None; redis-py may replace it when it
+        reconnects by itself, so watchers compare the object, not its number."""
+        conn = self._pubsub.connection if self._pubsub is not None else None
+        return conn._sock if conn is not None else None
+
+    def fileno(self) -> int:
+        sock = self.socket()
+        return sock.fileno() if sock is not None else -1
+
+    def connect(self) -> None:
+        """(Re)subscribe every build's channel; RedisError if Redis is away."""
+        self.close()
+        self._pubsub = connect(self.config).pubsub()
+        for build_id in sorted(self.builds):
+            self._subscribe(build_id)
+
+    def subscribe(self, build_id: int) -> None:
+        """Listen for kills of a build; the subscription is in force on return."""
+        self.builds.add(build_id)
+        if self._pubsub is not None:
+            self._subscribe(build_id)
+
+    def _subscribe(self, build_id: int) -> None:
+        channel = kill_channel(build_id)
+        self._confirm(lambda: self._pubsub.subscribe(channel), "subscribe")
+
+    def _confirm(self, send: Callable[[], None], kind: str) -> None:
+        send()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            message = self._pubsub.get_message(timeout=1.0)
+            if message is None:
+                continue
+            if message["type"] == kind:
+                return
+            self._keep(message)
+        raise redis.TimeoutError(f"redis at {self.config.addr} did not confirm {kind}")
+
+    def unsubscribe(self, build_id: int) -> None:
+        self.builds.discard(build_id)
+        if self._pubsub is not None:
+            self._pubsub.unsubscribe(kill_channel(build_id))
+
+    def read(self) -> list[tuple[int, bytes]]:
+        """The kill messages that have arrived: (build id, message)."""
+        while True:
+            message = self._pubsub.get_message(timeout=0.0)
+            if message is None:
+                break
+            self._keep(message)
+        found, self._waiting = self._waiting, []
+        return found
+
+    def _keep(self, message: dict) -> None:
+        if message.get("type") != "message":
+            return
+        channel = message["channel"].decode(errors="replace")
+        build = channel.removeprefix("kill-")
+        if build.isdigit():
+            data = message["data"]
+            self._waiting.append((int(build), data if isinstance(data, bytes) else str(data).encode()))
+
+    def close(self) -> None:
+        if self._pubsub is not None:
+            try:
+                self._pubsub.close()
+            except redis.RedisError:
+                pass
+            self._pubsub = None
 
 
 class Popper:
@@ -170,40 +383,3 @@ class Popper:
     def close(self) -> None:
         self.reset()
         self.client.close()
-
-
-class KillWatcher:
-    """Listens on kill-<build id> and calls on_kill when the build's secret arrives."""
-
-    def __init__(self, config: RedisConfig, build_id: int, secret: str | None,
-                 on_kill: Callable[[], None]):
-        self.build_id, self.secret, self.on_kill = build_id, secret, on_kill
-        self.client = connect(config)
-        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        self.pubsub.subscribe(**{kill_channel(build_id): self._message})
-        self._thread = threading.Thread(
-            target=self._listen, name=f"kill-{build_id}", daemon=True,
-        )
-        self._thread.start()
-
-    def _listen(self) -> None:
-        try:
-            for _ in self.pubsub.listen():
-                pass
-        except (redis.ConnectionError, ValueError, AttributeError):
-            pass  # closed by stop(), or Redis went away: kills are best effort
-
-    def _message(self, message: dict) -> None:
-        data = message.get("data")
-        text = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
-        if self.secret and text == self.secret:
-            log.info("build %s: kill requested", self.build_id)
-            self.on_kill()
-        else:
-            log.info("build %s: ignored a kill message that is not the build's secret", self.build_id)
-
-    def stop(self) -> None:
-        try:
-            self.pubsub.close()
-        finally:
-            self.client.close()

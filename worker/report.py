@@ -16,8 +16,12 @@ from dataclasses import dataclass
 # The kinds of message, named once for both ends.
 PROCESS_GROUP = "process_group"  # {"pgid": int}: a job's process group
 PATH = "path"  # {"path": str}: a file or directory to remove
-RESULT = "result"  # {"build_id", "status" (None if the process failed), "error"}
+RESULT = "result"  # {"build_id", "status" (None if the process failed), "error", "stop"}
 UNREADABLE = "unreadable"  # made by the reader for a line it cannot decode
+
+# Why a build process stopped without settling its build (RESULT's "stop").
+LOST = "lost"  # another worker runs the build now: leave it alone
+UNAVAILABLE = "unavailable"  # the database stayed away: settle it once it is back
 
 _READ_SIZE = 65536
 
@@ -47,8 +51,9 @@ class ReportWriter:
     def path(self, path: str) -> None:
         self.send(PATH, path=path)
 
-    def result(self, build_id: int, status: str | None, error: str = "") -> None:
-        self.send(RESULT, build_id=build_id, status=status, error=error)
+    def result(self, build_id: int, status: str | None, error: str = "",
+               stop: str | None = None) -> None:
+        self.send(RESULT, build_id=build_id, status=status, error=error, stop=stop)
 
 
 class ReportReader:

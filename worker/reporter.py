@@ -11,7 +11,8 @@ follows it (the marker line and the tail) is rewritten every TAIL_REFRESH
 seconds and once more when the job ends.
 
 A write that fails is not confirmed, so the same text goes again with the
-next one: nothing is lost while the database is away, only delayed.
+next one: nothing is lost while the database is away, only delayed (the
+session reconnects; the job waits on its pipe meanwhile).
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ class _Column:
 
 
 class DatabaseReporter:
-    def __init__(self, conn: db.Connection, build: Build, limit: int):
-        self.conn, self.build, self.limit = conn, build, limit
+    def __init__(self, session: db.Session, build: Build, limit: int):
+        self.session, self.build, self.limit = session, build, limit
         self._build = _Column(limit)
         self._job: Job | None = None
         self._job_column = _Column(limit)
@@ -88,6 +89,7 @@ class DatabaseReporter:
         # One writer on the connection at a time, in the order of events.
         self._db = threading.Lock()
         self._stop = False
+        self._stopped: db.StopBuild | None = None  # why the writer gave up
         self._thread = threading.Thread(target=self._writer, name="output", daemon=True)
         self._thread.start()
 
@@ -99,6 +101,11 @@ class DatabaseReporter:
                 self._cond.wait(TICK)
             try:
                 self._flush(final=False)
+            except db.StopBuild as exc:
+                with self._cond:
+                    self._stopped = exc
+                    self._cond.notify_all()
+                return
             except db.Error as exc:
                 # Kept in the logs and sent again by the next write.
                 log.error("build %s: output not yet written: %s", self.build.id, str(exc).strip())
@@ -118,9 +125,9 @@ class DatabaseReporter:
                 if write is None:
                     continue
                 if column is self._build:
-                    db.write_output(self.conn, self.build.id, _pair(write))
+                    self.session.call(db.write_output, self.build.id, _pair(write))
                 else:
-                    db.write_output(self.conn, self.build.id, None, job.id, _pair(write))
+                    self.session.call(db.write_output, self.build.id, None, job.id, _pair(write))
                 with self._cond:
                     column.confirm(write, time.monotonic())
                     self._cond.notify_all()
@@ -135,6 +142,8 @@ class DatabaseReporter:
                 self._job_column.append(text, now)
             # The job waits on its pipe while the writer catches up.
             while (self._build.behind() or self._job_column.behind()) and not self._stop:
+                if self._stopped:
+                    raise self._stopped
                 self._cond.notify_all()
                 self._cond.wait(TICK)
 
@@ -142,34 +151,31 @@ class DatabaseReporter:
         self._flush(final=True)
         with self._cond:
             self._job, self._job_column = job, _Column(self.limit)
-        with self._db:
-            db.start_job(self.conn, job.id)
+        self._write(db.start_job, job.id)
 
     def job_finished(self, job: Job, status: str) -> None:
         self._flush(final=True)
-        with self._db:
-            db.finish_job(self.conn, job.id, status)
+        self._write(db.finish_job, job.id, status)
 
     def stage_started(self, stage: Stage) -> None:
-        with self._db:
-            db.start_stage(self.conn, stage.id)
+        self._write(db.start_stage, stage.id)
 
     def stage_finished(self, stage: Stage, status: str) -> None:
-        with self._db:
-            db.finish_stage(self.conn, stage.id, status)
+        self._write(db.finish_stage, stage.id, status)
 
     def object_placed(self, obj: Object) -> None:
-        with self._db:
-            db.mark_placed(self.conn, obj.id)
+        self._write(db.mark_placed, obj.id)
 
     def artifact_collected(self, artifact: Artifact, size: int, md5: bytes, sha256: bytes) -> None:
-        with self._db:
-            db.record_artifact(self.conn, artifact.id, size, md5, sha256)
+        self._write(db.record_artifact, artifact.id, size, md5, sha256)
 
     def build_finished(self, status: str) -> None:
         self.close()
+        self._write(db.finish_build, self.build.id, status)
+
+    def _write(self, statement, *args) -> None:
         with self._db:
-            db.finish_build(self.conn, self.build.id, status)
+            self.session.call(statement, *args)
 
     def close(self) -> None:
         with self._cond:

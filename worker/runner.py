@@ -21,8 +21,8 @@ from djinn_worker.drivers.base import Driver, DriverError
 from .cancel import Cancel
 from .output import MIN_MASKED, Masker
 from .model import (
-    FAILED, KILLED, PASSED, PASSED_WITH_FAILURES, Artifact, Build, Job, Object, Stage, done_line,
-    worst,
+    FAILED, KILLED, PASSED, PASSED_WITH_FAILURES, Artifact, Build, Job, Object, Stage, StopBuild,
+    done_line, worst,
 )
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,8 @@ class Runner:
                 raise DriverError("driver creation was interrupted")
             self._place_keys(out)
             self._place_objects(out)
+        except StopBuild:
+            raise
         except DriverNotEnabled as exc:
             out.line(str(exc))
             status = KILLED

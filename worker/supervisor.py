@@ -1,10 +1,14 @@
 """The parent process: pop builds, fork a child per build, reap, shut down.
 
 One event loop in the manner of gunicorn's arbiter: signals arrive as bytes
-on a wakeup pipe, the pending BRPOP is a socket, each child's report is a
-pipe, and the loop waits on all of them at once. The supervisor pops only
-while it has a free slot, so a build it cannot start at once stays in Redis
-for another worker.
+on a wakeup pipe, the pending BRPOP is a socket, the kill subscription is a
+socket, each child's report is a pipe, and the loop waits on all of them at
+once. The supervisor pops only while it has a free slot and can claim, so a
+build it cannot start at once stays in Redis for another worker.
+
+PostgreSQL and Redis may go away at any time: every call to them here is
+retried with backoff, an outage is logged once when it begins and once when
+it ends, and no payload is dropped because of one.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import selectors
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -23,16 +26,16 @@ import redis
 from setproctitle import setproctitle
 
 from . import __version__, build, db, report
+from .backoff import Outage
 from .config import DriverConfig, WorkerConfig
-from .model import FAILED, RUNNING, TIMED_OUT, done_line
-from .queue import Claims, Payload, PayloadError, Popper, parse_payload
+from .model import FAILED, TIMED_OUT, done_line
+from .queue import Claims, KillChannel, Lease, Payload, PayloadError, Popper, parse_payload
+from .recovery import Recovery, remove_paths
 
 log = logging.getLogger(__name__)
 
 # How long a child may outlive its build's timeout before the parent kills it.
 BACKSTOP_GRACE = 30.0
-# Wait this long before asking Redis or PostgreSQL again after a failure.
-RETRY_DELAY = 5.0
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP)
 
@@ -42,6 +45,7 @@ class Child:
     pid: int
     reader: report.ReportReader | None
     payload: Payload
+    claimed: db.Claimed
     deadline: float
     result: dict | None = None
     pgids: list[int] = field(default_factory=list)
@@ -72,43 +76,77 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.killing = False
-        self.retry_at = 0.0
         self.conn: db.Connection | None = None
         self.popper = Popper(config.redis, config.queues)
-        self.claims = Claims(self.popper.client, config.identity)
+        client = self.popper.client
+        self.claims = Claims(client, config.identity)
+        self.lease = Lease(client, config.identity, config.lease_ttl)
+        self.kills = KillChannel(config.redis)
+        self.recovery = Recovery(client, config.identity, config.queue, self._db,
+                                 lambda claim, status: self._mail_in_background(claim.payload, status))
+        self.database = Outage(f"the database at {config.database.addr}")
+        self.redis = Outage(f"redis at {config.redis.addr}")
+        # Payloads popped but neither claimed nor put back while a server was away.
+        self.unclaimed: list[tuple[str, bytes]] = []
+        self.pop_at = 0.0  # popping waits for an outage's backoff
+        self.kills_at: float | None = 0.0  # when to (re)connect the kill subscription
+        self.tick_at = 0.0  # lease refresh and recovery
         self._pop_fd: int | None = None
+        self._kills_sock = None
+        self._kills_fd = -1
         self._wake_r, self._wake_w = os.pipe()
 
     # -- start and stop -------------------------------------------------
 
     def run(self) -> int:
-        """Serve until told to stop; the exit status for the process."""
+        """Serve until told to stop; the exit status for the process.
+
+        Raises LeaseHeld while another live worker has this identity.
+        """
         self._install_signals()
         self._title()
         self._connection()
         self.popper.client.ping()
-        self._recover()
+        note = self.lease.acquire()
+        if note:
+            log.info("%s", note)
+        self._tick()
         cleaner = self._remove_docker_leftovers()
         if cleaner:
             os.waitpid(cleaner, 0)
         log.info(
-            "djinn-worker %s started (pid %d): popping %s; drivers %s; %d build(s) at once; timeout %gs",
-            __version__, os.getpid(), ", ".join(self.config.queues),
-            ", ".join(self.config.drivers), self.config.slots, self.config.timeout,
+            "djinn-worker %s started (pid %d) as %s: popping %s; drivers %s; %d build(s) at once; "
+            "timeout %gs", __version__, os.getpid(), self.config.identity,
+            ", ".join(self.config.queues), ", ".join(self.config.drivers), self.config.slots,
+            self.config.timeout,
         )
         if self.on_ready:
             self.on_ready()
         while not (self.stopping and not self.children and not self.popper.pending):
             self._pop_if_free()
+            self._watch_kills()
             for key, _ in self.selector.select(self._wait_time()):
                 key.data()
             self._reap()
             self._enforce_deadlines()
+            if time.monotonic() >= self.tick_at:
+                self._tick()
+        self._close()
+        log.info("djinn-worker stopped")
+        return 0
+
+    def _close(self) -> None:
+        self.kills.close()
+        try:
+            for queue, raw in self.unclaimed:
+                self.popper.requeue(queue, raw)
+            self.lease.release()
+        except redis.RedisError as exc:
+            log.error("redis at %s: %s; the lease expires by itself in %gs",
+                      self.config.redis.addr, exc, self.config.lease_ttl)
         self.popper.close()
         if self.conn is not None:
             self.conn.close()
-        log.info("djinn-worker stopped")
-        return 0
 
     def _install_signals(self) -> None:
         os.set_blocking(self._wake_w, False)
@@ -149,11 +187,49 @@ class Supervisor:
             for child in self.children.values():
                 _signal(child.pid, signal.SIGTERM)
 
+    # -- the servers ------------------------------------------------------
+
+    def _db(self, work: Callable[[db.Connection], object]):
+        """Do work on the supervisor's connection, connecting first if there is none.
+
+        A connection that failed is closed, so the next call connects anew.
+        """
+        conn = self._connection()
+        try:
+            result = work(conn)
+        except (psycopg2.OperationalError, psycopg2.InterfaceError):
+            conn.close()
+            raise
+        self.database.ok()
+        return result
+
+    def _connection(self) -> db.Connection:
+        if self.conn is None or self.conn.closed:
+            self.conn = db.connect(self.config.database, application="djinn-worker")
+        return self.conn
+
+    def _tick(self) -> None:
+        """Refresh the lease and settle the builds of workers that are gone."""
+        self.tick_at = time.monotonic() + self.config.lease_ttl / 3
+        try:
+            if not self.lease.refresh():
+                log.error("the lease of %s had expired and was taken meanwhile",
+                          self.config.identity)
+            self.redis.ok()
+            self.recovery.run({c.build_id for c in self.children.values()})
+        except redis.RedisError as exc:
+            self.redis.failed(exc, "the lease is not refreshed")
+        except psycopg2.Error as exc:
+            self.database.failed(exc, "orphaned builds are settled once it is back")
+
     # -- popping ----------------------------------------------------------
 
     def _pop_if_free(self) -> None:
-        if (self.stopping or self.popper.pending or time.monotonic() < self.retry_at
+        if (self.stopping or self.popper.pending or time.monotonic() < self.pop_at
                 or len(self.children) >= self.config.slots):
+            return
+        if self.unclaimed:
+            self._take(*self.unclaimed.pop(0))
             return
         try:
             self.popper.start()
@@ -173,9 +249,8 @@ class Supervisor:
         self.popper.reset()
 
     def _redis_failed(self, exc: Exception) -> None:
-        log.error("redis at %s: %s; retrying in %gs", self.config.redis.addr, exc, RETRY_DELAY)
         self._forget_pop()
-        self.retry_at = time.monotonic() + RETRY_DELAY
+        self.pop_at = time.monotonic() + self.redis.failed(exc, "no builds are popped")
 
     def _on_pop(self) -> None:
         self._unwatch_pop()
@@ -184,93 +259,119 @@ class Supervisor:
         except redis.RedisError as exc:
             self._redis_failed(exc)
             return
+        self.redis.ok()
         if popped is None:
             return
         queue, raw = popped
         if self.stopping:
-            self.popper.requeue(queue, raw)
+            self._put_back(queue, raw)
             log.info("put a payload popped while stopping back on %s", queue)
             return
+        self._take(queue, raw)
+
+    def _take(self, queue: str, raw: bytes) -> None:
+        """Claim a popped payload and start its build, or put it back."""
         try:
             payload = parse_payload(raw)
         except PayloadError as exc:
             log.error("dropped payload %r from %s: %s", raw[:200], queue, exc)
             return
+        # Subscribed before the claim: a kill sent as the build turns running
+        # has a listener. With Redis away it is subscribed when Redis is back.
+        self._kills(lambda: self.kills.subscribe(payload.build_id))
         try:
-            refusal = self._claim(payload.build_id)
+            claimed = self._db(lambda conn: db.claim(conn, payload.build_id))
+        except db.ClaimRefused as exc:
+            self._kills(lambda: self.kills.unsubscribe(payload.build_id))
+            log.error("dropped build %d from %s: %s", payload.build_id, queue, exc)
+            return
         except psycopg2.Error as exc:
-            log.error("database at %s: %s; build %d put back on %s, retrying in %gs",
-                      self.config.database.addr, str(exc).strip(), payload.build_id, queue, RETRY_DELAY)
-            self.popper.requeue(queue, raw)
-            self.retry_at = time.monotonic() + RETRY_DELAY
-            return
-        if refusal:
-            log.error("dropped build %d from %s: %s", payload.build_id, queue, refusal)
+            self._kills(lambda: self.kills.unsubscribe(payload.build_id))
+            self.pop_at = time.monotonic() + self.database.failed(
+                exc, "popped builds are put back and no more are popped")
+            self._put_back(queue, raw)
             return
         try:
-            self.claims.add(payload)
+            self.claims.add(payload, queue)
         except redis.RedisError as exc:
             log.error("build %d: not noted for recovery after a crash: %s", payload.build_id, exc)
-        self._fork(payload)
+        self._fork(payload, claimed)
 
-    def _recover(self) -> None:
-        """Fail the builds an earlier start of this worker claimed that nobody runs now.
-
-        A build process that outlived its supervisor still holds its build's
-        lock and finishes the build itself; only builds whose processes are
-        gone too (a reboot, the OOM killer) are failed here.
-        """
-        line = f"\nThe worker stopped while this build was running\n{done_line(FAILED)}"
-        for payload in self.claims.payloads():
-            outcome = self._db(lambda conn: db.abandon_orphan(conn, payload.build_id, line))
-            if outcome == RUNNING:
-                log.info("build %d: still run by a process of an earlier start; left to it",
-                         payload.build_id)
-                continue
-            if outcome == FAILED:
-                log.error("build %d: left running by an earlier start of this worker; marked failed",
-                          payload.build_id)
-                self._remove_paths(payload.build_id, self.claims.paths(payload.build_id))
-                self._mail_in_background(payload, FAILED)
-            self._drop_claim(payload.build_id)
-
-    def _claim(self, build_id: int) -> str | None:
-        return self._db(lambda conn: db.claim(conn, build_id))
-
-    def _db(self, work: Callable[[db.Connection], object]):
-        """Do work on the supervisor's connection, connecting first if there is none.
-
-        A connection that failed is closed, so the next call connects anew.
-        """
-        conn = self._connection()
+    def _put_back(self, queue: str, raw: bytes) -> None:
         try:
-            return work(conn)
-        except (psycopg2.OperationalError, psycopg2.InterfaceError):
-            conn.close()
-            raise
+            self.popper.requeue(queue, raw)
+        except redis.RedisError as exc:
+            self.redis.failed(exc, "a popped payload is held until it is back")
+            self.unclaimed.append((queue, raw))
 
-    def _connection(self) -> db.Connection:
-        if self.conn is None or self.conn.closed:
-            self.conn = db.connect(self.config.database, application="djinn-worker")
-        return self.conn
+    # -- kills ------------------------------------------------------------
+
+    def _kills(self, work: Callable[[], None]) -> None:
+        """Change the kill subscription; when Redis is away, it is made whole later."""
+        try:
+            work()
+        except redis.RedisError as exc:
+            self._kills_broken(exc)
+
+    def _kills_broken(self, exc: Exception) -> None:
+        self.kills.close()
+        self.kills_at = time.monotonic() + self.redis.failed(exc, "kills are not received")
+
+    def _watch_kills(self) -> None:
+        """Keep the loop watching the kill subscription's socket, reconnecting it if due."""
+        if self.kills_at is not None and time.monotonic() >= self.kills_at:
+            try:
+                self.kills.connect()
+                self.kills_at = None
+                self.redis.ok()
+            except redis.RedisError as exc:
+                self._kills_broken(exc)
+        sock = self.kills.socket()
+        if sock is not self._kills_sock:
+            if self._kills_sock is not None:
+                self.selector.unregister(self._kills_fd)
+            if sock is not None:
+                self._kills_fd = sock.fileno()
+                self.selector.register(self._kills_fd, selectors.EVENT_READ, self._on_kills)
+            self._kills_sock = sock
+
+    def _on_kills(self) -> None:
+        try:
+            messages = self.kills.read()
+        except redis.RedisError as exc:
+            self._kills_broken(exc)
+            return
+        running = {c.build_id: c for c in self.children.values()}
+        for build_id, data in messages:
+            child = running.get(build_id)
+            if child and child.claimed.secret and data.decode(errors="replace") == child.claimed.secret:
+                log.info("build %d: kill requested", build_id)
+                _signal(child.pid, signal.SIGTERM)
+            else:
+                log.info("build %d: ignored a kill message that is not the build's secret", build_id)
 
     # -- children ---------------------------------------------------------
 
-    def _fork(self, payload: Payload) -> None:
+    def _fork(self, payload: Payload, claimed: db.Claimed) -> None:
         read_fd, write_fd = os.pipe()
+        # SIGTERM (a kill) waits, blocked, until the child's handler is in place.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 os.close(read_fd)
                 self._become_child()
-                code = build.main(payload, self.config, self.drivers, write_fd)
+                code = build.main(payload, claimed, self.config, self.drivers, write_fd)
+            except BaseException:
+                log.exception("build %d: the build process failed to start", payload.build_id)
             finally:
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(write_fd)
         # Short timeouts get a grace as long as the timeout (at least 5 s).
         grace = min(BACKSTOP_GRACE, max(self.config.timeout, 5.0))
-        child = Child(pid, report.ReportReader(read_fd), payload,
+        child = Child(pid, report.ReportReader(read_fd), payload, claimed,
                       deadline=time.monotonic() + self.config.timeout + grace)
         self.children[pid] = child
         self.selector.register(read_fd, selectors.EVENT_READ, lambda: self._read_report(child))
@@ -287,7 +388,7 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         for sig in _SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
-        fds = [self._wake_r, self._wake_w, self.popper.fileno()]
+        fds = [self._wake_r, self._wake_w, self.popper.fileno(), self.kills.fileno()]
         fds += [c.reader.fd for c in self.children.values() if c.reader]
         self.selector.close()
         for fd in fds:
@@ -336,6 +437,7 @@ class Supervisor:
             if child.reader is not None:
                 self._read_report(child)
                 self._close_report(child)
+            self._kills(lambda: self.kills.unsubscribe(child.build_id))
             if self._finished(child, status):
                 self._drop_claim(child.build_id)
             self._title()
@@ -347,24 +449,32 @@ class Supervisor:
             log.error("build %d: still noted for recovery: %s", build_id, exc)
 
     def _finished(self, child: Child, status: int) -> bool:
-        """Settle a build whose process ended; False if its end could not be recorded.
+        """Settle a build whose process ended; False to leave it to recovery.
 
-        A build left unrecorded stays noted in Redis, so the next start of the
-        worker fails it rather than leaving it running for good.
+        A build left unsettled stays noted in Redis, and the next recovery
+        pass runs it again (or fails it) once the database is back.
         """
         result = child.result or {}
         if result.get("status"):
             log.debug("build %d: process %d %s", child.build_id, child.pid, describe_exit(status))
             return True
+        self._clean_up_after(child)
+        if result.get("stop") == report.LOST:
+            log.error("build %d: %s; left to the process that runs it now",
+                      child.build_id, result.get("error"))
+            return True
+        if result.get("stop") == report.UNAVAILABLE:
+            log.error("build %d: %s; settled once the database is back", child.build_id,
+                      result.get("error"))
+            return False
         how = result.get("error") or describe_exit(status)
         final = TIMED_OUT if child.backstopped else FAILED
-        self._clean_up_after(child)
         line = f"\nThe build process died: {how}\n{done_line(final)}"
         try:
             self._db(lambda conn: db.abandon_build(conn, child.build_id, final, line))
         except psycopg2.Error as exc:
-            log.error("build %d: could not record that its process died (%s); the next start "
-                      "of the worker will", child.build_id, str(exc).strip())
+            self.database.failed(exc, f"build {child.build_id}, whose process died, is settled "
+                                 "once it is back")
             return False
         log.error("build %d: %s; marked %s", child.build_id, how, final)
         self._mail_in_background(child.payload, final)
@@ -401,7 +511,7 @@ class Supervisor:
     def _clean_up_after(self, child: Child) -> None:
         """Remove what a child that died left: its jobs' processes, files and containers."""
         self._kill_groups(child)
-        self._remove_paths(child.build_id, child.paths)
+        remove_paths(child.build_id, child.paths)
         self._remove_docker_leftovers(child.build_id)
 
     @staticmethod
@@ -409,12 +519,6 @@ class Supervisor:
         """The build process's own group and every job group it reported."""
         for pgid in [child.pid] + child.pgids:
             _signal(-pgid, signal.SIGKILL)
-
-    @staticmethod
-    def _remove_paths(build_id: int, paths: list[str]) -> None:
-        for path in paths:
-            shutil.rmtree(path, ignore_errors=True)
-            log.info("build %d: removed %s", build_id, path)
 
     def _remove_docker_leftovers(self, build_id: int | None = None) -> int | None:
         """Containers and volumes of one dead build, or at start of every earlier one.
@@ -445,14 +549,15 @@ class Supervisor:
         setproctitle(f"djinn-worker: supervisor ({self.config.queue}, "
                      f"{len(self.children)}/{self.config.slots} running)")
 
-    def _wait_time(self) -> float | None:
+    def _wait_time(self) -> float:
         times = [c.deadline for c in self.children.values()
                  if c.result is None and not c.backstopped]
+        times.append(self.tick_at)
+        if self.kills_at is not None:
+            times.append(self.kills_at)
         now = time.monotonic()
-        if not self.popper.pending and not self.stopping and self.retry_at > now:
-            times.append(self.retry_at)
-        if not times:
-            return None
+        if not self.popper.pending and not self.stopping and self.pop_at > now:
+            times.append(self.pop_at)
         return max(min(times) - now, 0)
 
 

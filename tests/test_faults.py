@@ -1,0 +1,213 @@
+"""Faults of the servers and hosts around the worker, for real: PostgreSQL and
+Redis stopped and restarted, kills at the worst moment, workers lost with
+their builds. Each test has PostgreSQL and Redis of its own, so restarting
+them disturbs no other test."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+
+from conftest import Workers
+from djinn import Server, marker, processes_with
+from services import DIST_SCHEMA, Postgres, Redis
+
+
+@pytest.fixture
+def private(tmp_path):
+    """(server, workers) on a PostgreSQL and a Redis of this test's own."""
+    pg, rds = Postgres().start(), Redis().start()
+    pg.create_database("djinn", DIST_SCHEMA)
+    server = Server(pg.connect("djinn"), rds.client(), queue=f"builds-{uuid.uuid4().hex[:8]}")
+    workers = Workers(tmp_path, pg.addr, "djinn", rds.addr, server.queue)
+    server.pg, server.rds = pg, rds
+    try:
+        yield server, workers
+    finally:
+        workers.kill_all()
+        rds.stop()
+        pg.stop()
+
+
+def reconnect(server: Server) -> None:
+    """The test's own connection after a PostgreSQL restart."""
+    server.conn = server.pg.connect("djinn")
+
+
+def build_dirs(server: Server, build_id: int) -> list[str]:
+    """The os driver's directories of every run of the build that still exist."""
+    found = re.findall(r"^Build directory (\S+)/home$", server.build(build_id)["output"] or "", re.M)
+    return [d for d in found if os.path.exists(d)]
+
+
+def assert_nothing_left(server: Server, build_id: int, sleep: str | None = None) -> None:
+    deadline = time.monotonic() + 10
+    while build_dirs(server, build_id) or (sleep and processes_with(f"sleep {sleep}")):
+        assert time.monotonic() < deadline, (build_dirs(server, build_id),
+                                             sleep and processes_with(sleep))
+        time.sleep(0.1)
+
+
+TICKS = "for i in $(seq 1 8); do echo \"line $i\"; sleep 1; done"
+
+
+def test_postgres_restarted_mid_build_loses_nothing(private):
+    server, workers = private
+    worker = workers.start({"parallelism": 2})
+    ticking = server.queue_build([("tick", False, [("tick", TICKS)])])
+    server.wait_job(ticking.jobs["tick"])
+    time.sleep(1.5)
+    # This one ends while the database is away.
+    short = server.queue_build([("short", False, [("short", "sleep 1.5; echo done")])])
+    server.wait_job(short.jobs["short"])
+    server.pg.restart(down=3)
+    reconnect(server)
+    row = server.wait(ticking.id, timeout=60)
+    assert row["status"] == "passed", row["output"]
+    job = server.job(ticking.jobs["tick"])["output"]
+    for i in range(1, 9):
+        assert job.count(f"\nline {i}\n") == 1, job
+        assert row["output"].count(f"\nline {i}\n") == 1
+    short_row = server.wait(short.id, timeout=60)
+    assert short_row["status"] == "passed", short_row["output"]
+    assert "done\n" in server.job(short.jobs["short"])["output"]
+    worker.wait_log("database back; carrying on")
+    assert_nothing_left(server, ticking.id)
+    assert_nothing_left(server, short.id)
+    # And the worker goes on taking builds.
+    assert server.wait(server.queue_build().id)["status"] == "passed"
+
+
+def test_redis_restarted_mid_build(private):
+    server, workers = private
+    worker = workers.start()
+    running = server.queue_build([("tick", False, [("tick", "sleep 4; echo ok")])])
+    server.wait_job(running.jobs["tick"])
+    server.rds.restart(down=2)
+    server.redis = server.rds.client()
+    assert server.wait(running.id, timeout=30)["status"] == "passed"
+    assert server.wait(server.queue_build().id, timeout=30)["status"] == "passed"
+    sleep = marker()
+    killed = server.queue_build([("slow", False, [("slow", f"sleep {sleep}")])])
+    server.wait_job(killed.jobs["slow"])
+    server.redis.publish(f"kill-{killed.id}", killed.secret)
+    assert server.wait(killed.id, timeout=10)["status"] == "killed"
+    assert worker.log.count("(retrying until it is back)") >= 1
+    worker.wait_log("is back after")
+    assert_nothing_left(server, killed.id, sleep)
+
+
+def test_a_kill_sent_as_the_build_turns_running_is_never_lost(private):
+    server, workers = private
+    workers.start()
+    for _ in range(10):
+        sleep = marker()
+        build = server.queue_build([("slow", False, [("slow", f"sleep {sleep}")])])
+        while server.build(build.id)["status"] != "running":
+            pass
+        published = datetime.now(timezone.utc).replace(tzinfo=None)
+        server.redis.publish(f"kill-{build.id}", build.secret)
+        row = server.wait(build.id, timeout=10)
+        assert row["status"] == "killed", row["output"]
+        # bench/compare.py measures the latency; this only bounds it loosely.
+        assert (row["finished_at"] - published).total_seconds() < 1.0
+        assert_nothing_left(server, build.id, sleep)
+
+
+def lost_host_build(server, flag) -> object:
+    return server.queue_build([("slow", False, [(
+        "slow", f"if [ -e {flag} ]; then echo again; else touch {flag}; sleep 600; fi")])])
+
+
+def kill_with_builds(worker) -> None:
+    """The host is gone: supervisor and build processes die at once."""
+    children = worker.children()
+    for pid in children:
+        os.killpg(pid, signal.SIGKILL)
+    worker.proc.kill()
+    worker.proc.wait()
+
+
+def test_another_worker_reruns_the_builds_of_a_lost_host(private, tmp_path):
+    server, workers = private
+    lease = {"lease_ttl": "3s"}
+    lost = workers.start(lease, hostname="host-a")
+    build = lost_host_build(server, tmp_path / "ran")
+    server.wait_job(build.jobs["slow"])
+    (left,) = build_dirs(server, build.id)
+    kill_with_builds(lost)
+    started = time.monotonic()
+    other = workers.start(lease, hostname="host-b")
+    row = server.wait(build.id, timeout=20)
+    assert row["status"] == "passed", row["output"]
+    assert time.monotonic() - started < 3 + 5
+    assert re.match(r"Build orphaned: worker host-a:\S+ lost it at ", row["output"])
+    assert "again" in server.job(build.jobs["slow"])["output"]
+    other.wait_log(f"build {build.id}: orphaned by worker host-a:{server.queue}")
+    other.wait_log(f"build {build.id}: removed {left}")  # the same machine: its files are here
+    assert not os.path.exists(left)
+    assert_nothing_left(server, build.id)
+
+
+def test_a_build_whose_hosts_are_lost_twice_fails(private, tmp_path):
+    server, workers = private
+    lease = {"lease_ttl": "3s"}
+    first = workers.start(lease, hostname="host-a")
+    build = server.queue_build([("slow", False, [("slow", "sleep 600")])])
+    server.wait_job(build.jobs["slow"])
+    kill_with_builds(first)
+    second = workers.start(lease, hostname="host-b")
+    second.wait_log(f"build {build.id}: orphaned by worker host-a", timeout=15)
+    server.wait_job(build.jobs["slow"])
+    kill_with_builds(second)
+    third = workers.start(lease, hostname="host-c")
+    row = server.wait(build.id, timeout=20)
+    assert row["status"] == "failed"
+    assert "Build orphaned again: worker host-b:" in row["output"]
+    assert row["output"].endswith("Done. Run failed\n")
+    third.wait_log(f"build {build.id}: orphaned a second time by worker host-b")
+    assert_nothing_left(server, build.id)
+
+
+def test_one_live_worker_per_identity(private):
+    server, workers = private
+    first = workers.start(hostname="host-a")
+    second = workers.start(hostname="host-a", start=False).start(wait=None)
+    assert second.proc.wait(30) == 3
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and "holds its lease" in lines[0] and "host-a:" in lines[0], lines
+    # A crash: the same identity starts again at once, the dead holder's lease taken over.
+    first.proc.kill()
+    first.proc.wait()
+    again = workers.start(hostname="host-a")
+    again.wait_log("took over the lease of process")
+    assert server.wait(server.queue_build().id)["status"] == "passed"
+    # A clean stop releases the lease: a restart is not refused either.
+    assert again.stop() == 0
+    workers.start(hostname="host-a")
+    assert server.wait(server.queue_build().id)["status"] == "passed"
+
+
+def test_a_database_away_longer_than_the_outage_limit_reruns_the_build(private, tmp_path):
+    server, workers = private
+    worker = workers.start({"database": {"outage": "2s"}, "lease_ttl": "3s"})
+    flag = tmp_path / "ran"
+    build = server.queue_build([("tick", False, [(
+        "tick", f"if [ -e {flag} ]; then echo again; else touch {flag}; {TICKS}; fi")])])
+    server.wait_job(build.jobs["tick"])
+    (left,) = build_dirs(server, build.id)
+    server.pg.restart(down=6)
+    reconnect(server)
+    row = server.wait(build.id, timeout=30)
+    assert row["status"] == "passed", row["output"]
+    assert row["output"].startswith("Build orphaned: this worker lost it at ")
+    assert "again" in server.job(build.jobs["tick"])["output"]
+    worker.wait_log("stayed away longer than database.outage (2s)")
+    assert not os.path.exists(left)
+    assert_nothing_left(server, build.id)

@@ -1,0 +1,37 @@
+"""Riding out a server that went away: retry with backoff, say so once.
+
+An outage is logged when it begins and when it ends, never once per
+attempt, so a database restart is two lines in the log, not hundreds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger(__name__)
+
+FIRST_DELAY = 0.25
+LAST_DELAY = 5.0
+
+
+class Outage:
+    def __init__(self, what: str):
+        self.what = what  # e.g. "the database at db:5432"
+        self.since: float | None = None
+        self._delay = FIRST_DELAY
+
+    def failed(self, exc: Exception, consequence: str) -> float:
+        """Note a failed attempt; returns how long to wait before the next."""
+        if self.since is None:
+            self.since = time.monotonic()
+            log.error("%s: %s; %s (retrying until it is back)", self.what,
+                      str(exc).strip() or type(exc).__name__, consequence)
+            self._delay = FIRST_DELAY
+        delay, self._delay = self._delay, min(self._delay * 2, LAST_DELAY)
+        return delay
+
+    def ok(self) -> None:
+        if self.since is not None:
+            log.info("%s is back after %.1fs", self.what, time.monotonic() - self.since)
+            self.since = None
