@@ -238,8 +238,9 @@ class Worker:
             time.sleep(0.05)
 
     def children(self) -> list[int]:
+        """The worker's build processes (not the spare one made ahead)."""
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
-        return [int(p) for p in out.stdout.split()]
+        return [int(p) for p in out.stdout.split() if "spare" not in _cmdline(int(p))]
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -253,6 +254,13 @@ class Worker:
                 self.proc.send_signal(signal.SIGTERM)
                 self.proc.wait(timeout)
         return self.proc.returncode
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def marker() -> str:

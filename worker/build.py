@@ -19,8 +19,7 @@ from setproctitle import setproctitle
 
 from .cancel import BuildTimer, Cancel
 from .config import DriverConfig, WorkerConfig, host_arch
-from .model import FAILED, KILLED, Build, done_line
-from .notify import notify
+from .model import FAILED, KILLED, MAILED, Build, done_line
 from .queue import Payload
 from . import report
 from .report import ReportWriter
@@ -88,7 +87,7 @@ def inputs_and_outputs(build: Build, config: WorkerConfig) -> dict:
 
 
 def run(payload: Payload, claimed: db.Claimed, config: WorkerConfig, drivers: DriverConfig,
-        pipe: ReportWriter) -> Outcome:
+        pipe: ReportWriter, conn: db.Connection | None = None) -> Outcome:
     """Run one claimed build to its end; the caller exits the process after.
 
     The supervisor forks with SIGTERM blocked: a kill it forwards before the
@@ -101,7 +100,7 @@ def run(payload: Payload, claimed: db.Claimed, config: WorkerConfig, drivers: Dr
     session = db.Session(config.database, claimed, config.database.outage)
     timer = BuildTimer(config.timeout, cancel)
     try:
-        session.open()
+        session.open(conn)
         try:
             build = session.call(db.load_build, payload.build_id)
         except db.BuildRowError as exc:
@@ -138,15 +137,42 @@ def _return_big_buffers() -> None:
         pass  # not glibc: its allocator has its own ways
 
 
-def main(payload: Payload, claimed: db.Claimed, config: WorkerConfig, drivers: DriverConfig,
-         report_fd: int) -> int:
-    """Entry point in the forked child; returns the exit status for os._exit."""
+def spare(config: WorkerConfig, drivers: DriverConfig, command_fd: int, report_fd: int) -> int:
+    """A build process made before its build, as gunicorn makes workers ahead.
+
+    It connects to PostgreSQL and warms the connection while the supervisor
+    waits for a payload, then reads the claimed build from command_fd and
+    runs it: the build starts without waiting for a fork, a connection or
+    cold catalog caches. End of file on command_fd means it is not needed.
+    SIGTERM stays blocked until the build's handler is in place.
+    """
     os.setsid()
+    setproctitle("djinn-worker: spare build process")
+    try:
+        conn = db.connect(config.database, application="djinn-worker build")
+        db.warm(conn)
+    except db.Error:
+        conn = None  # the build's session connects, riding out the outage
+    with os.fdopen(command_fd, "rb") as command:
+        line = command.readline()
+    if not line:
+        if conn is not None:
+            conn.close()
+        return 0
+    payload, claimed = report.decode_start(line)
+    return main(payload, claimed, config, drivers, report_fd, conn)
+
+
+def main(payload: Payload, claimed: db.Claimed, config: WorkerConfig, drivers: DriverConfig,
+         report_fd: int, conn: db.Connection | None = None) -> int:
+    """Entry point in the forked child; returns the exit status for os._exit."""
+    if os.getsid(0) != os.getpid():
+        os.setsid()
     _return_big_buffers()
     setproctitle(f"djinn-worker: build {payload.build_id}")
     pipe = ReportWriter(report_fd)
     try:
-        outcome = run(payload, claimed, config, drivers, pipe)
+        outcome = run(payload, claimed, config, drivers, pipe, conn)
     except db.StopBuild as exc:
         log.error("%s; stopped without writing", exc)
         pipe.result(payload.build_id, None, str(exc),
@@ -158,5 +184,7 @@ def main(payload: Payload, claimed: db.Claimed, config: WorkerConfig, drivers: D
         return 1
     log.info("build %s: finished %s", outcome.build_id, outcome.status)
     pipe.result(outcome.build_id, outcome.status, outcome.error)
-    notify(config, payload, outcome.status)
+    if config.smtp.enabled and outcome.status in MAILED:
+        from .notify import notify  # only builds that mail pay for the mail stack
+        notify(config, payload, outcome.status)
     return 0

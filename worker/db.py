@@ -7,6 +7,7 @@ multi-statement changes use an explicit transaction.
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
@@ -78,83 +79,76 @@ def claim(conn: Connection, build_id: int) -> Claimed:
     raise ClaimRefused("no such build" if row is None else f"the build is already {row[0]}")
 
 
+# The build and all its rows in one round trip: each list is a JSON array of
+# rows (NULL when empty), in the order the worker runs or applies them.
+_LOAD_BUILD = """
+SELECT b.user_id, b.namespace_id, b.number, b.secret, d.type, d.config,
+  (SELECT json_agg(json_build_array(id, name, can_fail) ORDER BY created_at, id)
+     FROM build_stages WHERE build_id = b.id),
+  (SELECT json_agg(json_build_array(id, stage_id, name, commands) ORDER BY created_at, id)
+     FROM build_jobs WHERE build_id = b.id),
+  (SELECT json_agg(json_build_array(id, job_id, source, name, hash) ORDER BY id)
+     FROM build_artifacts WHERE build_id = b.id AND deleted_at IS NULL),
+  -- to_jsonb reads the masked column of later schemas, and is NULL where the
+  -- column does not exist, without asking for the schema.
+  (SELECT json_agg(json_build_array(key, value,
+            COALESCE((to_jsonb(v)->>'masked')::boolean, FALSE)) ORDER BY id)
+     FROM build_variables v WHERE build_id = b.id),
+  (SELECT json_agg(json_build_array(name, encode(key, 'base64'), config, location) ORDER BY id)
+     FROM build_keys WHERE build_id = b.id),
+  (SELECT json_agg(json_build_array(bo.id, bo.source, bo.name, o.hash) ORDER BY bo.id)
+     FROM build_objects bo LEFT JOIN objects o ON o.id = bo.object_id AND o.deleted_at IS NULL
+     WHERE bo.build_id = b.id)
+FROM builds b LEFT JOIN LATERAL (
+  SELECT type, config FROM build_drivers WHERE build_id = b.id ORDER BY id LIMIT 1
+) d ON TRUE WHERE b.id = %s
+"""
+
+
+def warm(conn: Connection) -> None:
+    """Plan the build's query once on a new connection, so that its backend's
+    catalog caches are warm before a build needs them."""
+    with conn.cursor() as cur:
+        cur.execute(_LOAD_BUILD, (0,))
+        cur.execute("SELECT pg_try_advisory_lock(%s, 0), pg_advisory_unlock(%s, 0)",
+                    (_BUILD_LOCKS, _BUILD_LOCKS))
+
+
 def load_build(conn: Connection, build_id: int) -> Build:
     with conn.cursor() as cur:
-        cur.execute(
-            "SELECT b.user_id, b.namespace_id, b.number, b.secret, d.type, d.config "
-            "FROM builds b LEFT JOIN LATERAL ("
-            "  SELECT type, config FROM build_drivers WHERE build_id = b.id ORDER BY id LIMIT 1"
-            ") d ON TRUE WHERE b.id = %s",
-            (build_id,),
-        )
+        cur.execute(_LOAD_BUILD, (build_id,))
         row = cur.fetchone()
-        if row is None:
-            raise BuildRowError(f"build {build_id} does not exist")
-        user_id, namespace_id, number, secret, driver_type, driver = row
-        if driver_type is None:
-            raise BuildRowError(f"build {build_id} has no build_drivers row")
-        if not isinstance(driver, dict):
-            raise BuildRowError(f"build_drivers.config of build {build_id} is not a JSON object")
-        build = Build(
-            id=build_id, user_id=user_id, namespace_id=namespace_id, number=number,
-            secret=secret, driver_type=driver_type, driver=driver,
-        )
-
-        cur.execute(
-            "SELECT id, name, can_fail FROM build_stages WHERE build_id = %s "
-            "ORDER BY created_at, id",
-            (build_id,),
-        )
-        stages = {sid: Stage(sid, name, can_fail) for sid, name, can_fail in cur.fetchall()}
-        build.stages = list(stages.values())
-
-        cur.execute(
-            "SELECT id, stage_id, name, commands FROM build_jobs WHERE build_id = %s "
-            "ORDER BY created_at, id",
-            (build_id,),
-        )
-        jobs: dict[int, Job] = {}
-        for jid, stage_id, name, commands in cur.fetchall():
-            if stage_id not in stages:
-                raise BuildRowError(f"build_jobs row {jid} belongs to stage {stage_id} of another build")
-            jobs[jid] = Job(jid, name, commands)
-            stages[stage_id].jobs.append(jobs[jid])
-
-        cur.execute(
-            "SELECT id, job_id, source, name, hash FROM build_artifacts "
-            "WHERE build_id = %s AND deleted_at IS NULL ORDER BY id",
-            (build_id,),
-        )
-        for aid, job_id, source, name, hash_ in cur.fetchall():
-            if job_id not in jobs:
-                raise BuildRowError(f"build_artifacts row {aid} belongs to job {job_id} of another build")
-            jobs[job_id].artifacts.append(Artifact(aid, source, name, hash_))
-
-        # to_jsonb reads the masked column of later schemas, and is NULL
-        # where the column does not exist, without asking for the schema.
-        cur.execute(
-            "SELECT key, value, COALESCE((to_jsonb(v)->>'masked')::boolean, FALSE) "
-            "FROM build_variables v WHERE build_id = %s ORDER BY id",
-            (build_id,),
-        )
-        build.variables = [Variable(*row) for row in cur.fetchall()]
-
-        cur.execute(
-            "SELECT name, key, config, location FROM build_keys WHERE build_id = %s ORDER BY id",
-            (build_id,),
-        )
-        build.keys = [
-            Key(name, bytes(key), config, location or f"/root/.ssh/{name}")
-            for name, key, config, location in cur.fetchall()
-        ]
-
-        cur.execute(
-            "SELECT bo.id, bo.source, bo.name, o.hash FROM build_objects bo "
-            "LEFT JOIN objects o ON o.id = bo.object_id AND o.deleted_at IS NULL "
-            "WHERE bo.build_id = %s ORDER BY bo.id",
-            (build_id,),
-        )
-        build.objects = [Object(*row) for row in cur.fetchall()]
+    if row is None:
+        raise BuildRowError(f"build {build_id} does not exist")
+    user_id, namespace_id, number, secret, driver_type, driver, *lists = row
+    stage_rows, job_rows, artifact_rows, variable_rows, key_rows, object_rows = (
+        rows or [] for rows in lists)
+    if driver_type is None:
+        raise BuildRowError(f"build {build_id} has no build_drivers row")
+    if not isinstance(driver, dict):
+        raise BuildRowError(f"build_drivers.config of build {build_id} is not a JSON object")
+    build = Build(
+        id=build_id, user_id=user_id, namespace_id=namespace_id, number=number,
+        secret=secret, driver_type=driver_type, driver=driver,
+    )
+    stages = {sid: Stage(sid, name, can_fail) for sid, name, can_fail in stage_rows}
+    build.stages = list(stages.values())
+    jobs: dict[int, Job] = {}
+    for jid, stage_id, name, commands in job_rows:
+        if stage_id not in stages:
+            raise BuildRowError(f"build_jobs row {jid} belongs to stage {stage_id} of another build")
+        jobs[jid] = Job(jid, name, commands)
+        stages[stage_id].jobs.append(jobs[jid])
+    for aid, job_id, source, name, hash_ in artifact_rows:
+        if job_id not in jobs:
+            raise BuildRowError(f"build_artifacts row {aid} belongs to job {job_id} of another build")
+        jobs[job_id].artifacts.append(Artifact(aid, source, name, hash_))
+    build.variables = [Variable(*row) for row in variable_rows]
+    build.keys = [
+        Key(name, base64.b64decode(key), config, location or f"/root/.ssh/{name}")
+        for name, key, config, location in key_rows
+    ]
+    build.objects = [Object(*row) for row in object_rows]
     return build
 
 
@@ -204,68 +198,71 @@ class Utf8Text:
 psycopg2.extensions.register_adapter(Utf8Text, lambda text: text)
 
 
-def write_output(conn: Connection, build_id: int, build_write: tuple[bytes, int | None] | None,
-                 job_id: int | None = None,
-                 job_write: tuple[bytes, int | None] | None = None) -> None:
-    """Store new output of the build log and of one job, small writes in one round trip.
+# One statement and its arguments, for execute() to send with others.
+Statement = tuple[str, tuple]
 
-    Each write is (UTF-8 data, keep): keep is None to append the data, else
-    the number of characters stored so far to keep (a capped log's head)
-    with the data after them.
-    """
-    statements = []
-    for table, row, write in (("builds", build_id, build_write), ("build_jobs", job_id, job_write)):
-        if write is None:
-            continue
-        data, keep = write
-        if keep is None:
-            statements.append((f"UPDATE {table} SET output = COALESCE(output, '') || %s "
-                               "WHERE id = %s", (Utf8Text(data), row)))
-        else:
-            statements.append((f"UPDATE {table} SET output = left(output, %s) || %s WHERE id = %s",
-                               (keep, Utf8Text(data), row)))
-    if sum(len(args[-2].data) for _, args in statements) > _ONE_TRIP:
-        batches = [[statement] for statement in statements]
-    else:
-        batches = [statements] if statements else []
+
+def execute(conn: Connection, statements: list[Statement]) -> None:
+    """Send statements in as few round trips as memory allows, in one transaction."""
+    if not statements:
+        return
+    size = sum(len(arg.data) for _, args in statements for arg in args if isinstance(arg, Utf8Text))
+    batches = [[statement] for statement in statements] if size > _ONE_TRIP else [statements]
     with conn:
         for batch in batches:
             _execute(conn, "; ".join(sql for sql, _ in batch),
                      tuple(arg for _, args in batch for arg in args))
 
 
-def start_job(conn: Connection, job_id: int) -> None:
-    _execute(conn, "UPDATE build_jobs SET status = 'running', started_at = NOW() WHERE id = %s",
-             (job_id,))
+def output(table: str, row_id: int, data: bytes, keep: int | None) -> Statement:
+    """New output of the build log (table "builds") or of a job ("build_jobs").
+
+    data is UTF-8; keep is None to append it, else the number of characters
+    stored so far to keep (a capped log's head) with the data after them.
+    """
+    assert table in ("builds", "build_jobs")
+    if keep is None:
+        return (f"UPDATE {table} SET output = COALESCE(output, '') || %s WHERE id = %s",
+                (Utf8Text(data), row_id))
+    return (f"UPDATE {table} SET output = left(output, %s) || %s WHERE id = %s",
+            (keep, Utf8Text(data), row_id))
 
 
-def finish_job(conn: Connection, job_id: int, status: str) -> None:
-    _execute(conn, "UPDATE build_jobs SET status = %s, finished_at = NOW() WHERE id = %s",
-             (status, job_id))
+# Statement times come from clock_timestamp(): statements sent together share
+# one transaction, and so one NOW().
+
+def start_job(job_id: int) -> Statement:
+    return ("UPDATE build_jobs SET status = 'running', started_at = clock_timestamp() "
+            "WHERE id = %s", (job_id,))
 
 
-def start_stage(conn: Connection, stage_id: int) -> None:
-    _execute(conn, "UPDATE build_stages SET status = 'running', started_at = NOW() WHERE id = %s",
-             (stage_id,))
+def finish_job(job_id: int, status: str) -> Statement:
+    return ("UPDATE build_jobs SET status = %s, finished_at = clock_timestamp() WHERE id = %s",
+            (status, job_id))
 
 
-def finish_stage(conn: Connection, stage_id: int, status: str) -> None:
-    _execute(conn, "UPDATE build_stages SET status = %s, finished_at = NOW() WHERE id = %s",
-             (status, stage_id))
+def start_stage(stage_id: int) -> Statement:
+    return ("UPDATE build_stages SET status = 'running', started_at = clock_timestamp() "
+            "WHERE id = %s", (stage_id,))
 
 
-def mark_placed(conn: Connection, build_object_id: int) -> None:
-    _execute(conn, "UPDATE build_objects SET placed = TRUE WHERE id = %s", (build_object_id,))
+def finish_stage(stage_id: int, status: str) -> Statement:
+    return ("UPDATE build_stages SET status = %s, finished_at = clock_timestamp() WHERE id = %s",
+            (status, stage_id))
 
 
-def record_artifact(conn: Connection, artifact_id: int, size: int, md5: bytes, sha256: bytes) -> None:
-    _execute(conn, "UPDATE build_artifacts SET size = %s, md5 = %s, sha256 = %s WHERE id = %s",
-             (size, psycopg2.Binary(md5), psycopg2.Binary(sha256), artifact_id))
+def mark_placed(build_object_id: int) -> Statement:
+    return ("UPDATE build_objects SET placed = TRUE WHERE id = %s", (build_object_id,))
 
 
-def finish_build(conn: Connection, build_id: int, status: str) -> None:
-    _execute(conn, "UPDATE builds SET status = %s, finished_at = NOW() WHERE id = %s",
-             (status, build_id))
+def record_artifact(artifact_id: int, size: int, md5: bytes, sha256: bytes) -> Statement:
+    return ("UPDATE build_artifacts SET size = %s, md5 = %s, sha256 = %s WHERE id = %s",
+            (size, psycopg2.Binary(md5), psycopg2.Binary(sha256), artifact_id))
+
+
+def finish_build(build_id: int, status: str) -> Statement:
+    return ("UPDATE builds SET status = %s, finished_at = clock_timestamp() WHERE id = %s",
+            (status, build_id))
 
 
 def abandon_build(conn: Connection, build_id: int, status: str = FAILED, line: str = "") -> bool:
@@ -388,10 +385,11 @@ class Session:
         self._lock = threading.RLock()
         self._stopped: StopBuild | None = None
 
-    def open(self) -> None:
-        """Connect and take the build; LostBuild if it is no longer ours."""
-        self.conn = connect(self.config, application="djinn-worker build")
-        if not take_build(self.conn, self.claimed):
+    def open(self, conn: Connection | None = None) -> None:
+        """Connect (or take over conn, opened ahead) and take the build;
+        LostBuild if it is no longer ours."""
+        self.conn = conn or connect(self.config, application="djinn-worker build")
+        if not self.call(take_build, self.claimed):
             self._stop(LostBuild(f"build {self.claimed.build_id} is run by another process"))
 
     def call(self, work: Callable, *args):

@@ -12,6 +12,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from datetime import datetime
+
+from .db import Claimed
+from .queue import Payload
 
 # The kinds of message, named once for both ends.
 PROCESS_GROUP = "process_group"  # {"pgid": int}: a job's process group
@@ -80,6 +84,19 @@ class ReportReader:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def encode_start(payload: Payload, claimed: Claimed) -> bytes:
+    """The one line the supervisor sends a spare build process: its build."""
+    return (json.dumps({"build_id": payload.build_id, "host": payload.host,
+                        "secret": claimed.secret,
+                        "started_at": claimed.started_at.isoformat()}) + "\n").encode()
+
+
+def decode_start(line: bytes) -> tuple[Payload, Claimed]:
+    data = json.loads(line)
+    return (Payload(data["build_id"], data["host"]),
+            Claimed(data["build_id"], data["secret"], datetime.fromisoformat(data["started_at"])))
 
 
 def _decode(line: bytes) -> Message:

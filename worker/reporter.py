@@ -45,8 +45,9 @@ BACKLOG = 1024 * 1024
 class _Column:
     """One output column and what of it the database has."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, table: str, row_id: int):
         self.log = CappedLog(limit)
+        self.table, self.row_id = table, row_id
         self.since = 0.0  # when the oldest text not yet written arrived
         self.replaced = 0.0  # when the whole value was last rewritten
 
@@ -82,12 +83,14 @@ class _Column:
 class DatabaseReporter:
     def __init__(self, session: db.Session, build: Build, limit: int):
         self.session, self.build, self.limit = session, build, limit
-        self._build = _Column(limit)
-        self._job: Job | None = None
-        self._job_column = _Column(limit)
+        self._build = _Column(limit, "builds", build.id)
+        self._job: _Column | None = None
         self._cond = threading.Condition()
         # One writer on the connection at a time, in the order of events.
         self._db = threading.Lock()
+        # Status changes wait here to go with the next job's start or end:
+        # one round trip instead of one each.
+        self._queued: list[db.Statement] = []
         self._stop = False
         self._stopped: db.StopBuild | None = None  # why the writer gave up
         self._thread = threading.Thread(target=self._writer, name="output", daemon=True)
@@ -110,82 +113,85 @@ class DatabaseReporter:
                 # Kept in the logs and sent again by the next write.
                 log.error("build %s: output not yet written: %s", self.build.id, str(exc).strip())
 
-    def _flush(self, final: bool) -> None:
-        """Send what is due, one column at a time: each write holds a copy of
-        its text, and the build process's memory is bounded by the largest."""
+    def _flush(self, final: bool, then: list[db.Statement] = ()) -> None:
+        """Send the output that is due, and then the statements given, in one
+        round trip; a big write goes alone, so that the build process holds
+        one copy of one column's text at a time."""
         with self._db:
-            for column in (self._build, None):
+            small = []
+            with self._cond:
+                columns = [self._build] + ([self._job] if self._job else [])
+            for column in columns:
                 with self._cond:
-                    job = self._job
-                    if column is None:
-                        if job is None:
-                            return
-                        column = self._job_column
                     write = column.due(time.monotonic(), final)
                 if write is None:
                     continue
-                if column is self._build:
-                    self.session.call(db.write_output, self.build.id, _pair(write))
+                if len(write.data) > BATCH:
+                    self._send([(column, write)], [])
                 else:
-                    self.session.call(db.write_output, self.build.id, None, job.id, _pair(write))
-                with self._cond:
-                    column.confirm(write, time.monotonic())
-                    self._cond.notify_all()
+                    small.append((column, write))
+            self._send(small, list(then))
+
+    def _send(self, writes: list[tuple[_Column, Write]], then: list[db.Statement]) -> None:
+        statements = [db.output(column.table, column.row_id, write.data,
+                                write.keep if write.kind == "tail" else None)
+                      for column, write in writes] + then
+        if not statements:
+            return
+        self.session.call(db.execute, statements)
+        with self._cond:
+            now = time.monotonic()
+            for column, write in writes:
+                column.confirm(write, now)
+            self._cond.notify_all()
 
     def output(self, job: Job | None, text: str) -> None:
         with self._cond:
             now = time.monotonic()
             self._build.append(text, now)
             if job is not None:
-                if job is not self._job:
-                    self._job, self._job_column = job, _Column(self.limit)
-                self._job_column.append(text, now)
+                if self._job is None or self._job.row_id != job.id:
+                    self._job = _Column(self.limit, "build_jobs", job.id)
+                self._job.append(text, now)
             # The job waits on its pipe while the writer catches up.
-            while (self._build.behind() or self._job_column.behind()) and not self._stop:
+            while self._behind() and not self._stop:
                 if self._stopped:
                     raise self._stopped
                 self._cond.notify_all()
                 self._cond.wait(TICK)
 
+    def _behind(self) -> bool:
+        return self._build.behind() or (self._job is not None and self._job.behind())
+
+    def _statuses(self, *last: db.Statement) -> list[db.Statement]:
+        """The queued status changes and these, taken off the queue."""
+        statements, self._queued = self._queued + list(last), []
+        return statements
+
     def job_started(self, job: Job) -> None:
-        self._flush(final=True)
+        self._flush(final=True, then=self._statuses(db.start_job(job.id)))
         with self._cond:
-            self._job, self._job_column = job, _Column(self.limit)
-        self._write(db.start_job, job.id)
+            self._job = _Column(self.limit, "build_jobs", job.id)
 
     def job_finished(self, job: Job, status: str) -> None:
-        self._flush(final=True)
-        self._write(db.finish_job, job.id, status)
+        self._flush(final=True, then=self._statuses(db.finish_job(job.id, status)))
 
     def stage_started(self, stage: Stage) -> None:
-        self._write(db.start_stage, stage.id)
+        self._queued.append(db.start_stage(stage.id))
 
     def stage_finished(self, stage: Stage, status: str) -> None:
-        self._write(db.finish_stage, stage.id, status)
+        self._queued.append(db.finish_stage(stage.id, status))
 
     def object_placed(self, obj: Object) -> None:
-        self._write(db.mark_placed, obj.id)
+        self._queued.append(db.mark_placed(obj.id))
 
     def artifact_collected(self, artifact: Artifact, size: int, md5: bytes, sha256: bytes) -> None:
-        self._write(db.record_artifact, artifact.id, size, md5, sha256)
+        self._queued.append(db.record_artifact(artifact.id, size, md5, sha256))
 
     def build_finished(self, status: str) -> None:
-        self.close()
-        self._write(db.finish_build, self.build.id, status)
-
-    def _write(self, statement, *args) -> None:
-        with self._db:
-            self.session.call(statement, *args)
-
-    def close(self) -> None:
+        """The last write: the rest of the output, statuses and the build's own."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         self._thread.join()
-        self._flush(final=True)
-
-
-def _pair(write: Write | None) -> tuple[bytes, int | None] | None:
-    if write is None:
-        return None
-    return write.data, write.keep if write.kind == "tail" else None
+        self._flush(final=True, then=self._statuses(db.finish_build(self.build.id, status)))

@@ -13,6 +13,7 @@ it ends, and no payload is dropped because of one.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import selectors
@@ -36,8 +37,19 @@ log = logging.getLogger(__name__)
 
 # How long a child may outlive its build's timeout before the parent kills it.
 BACKSTOP_GRACE = 30.0
+# A spare build process that died is made again after this long.
+SPARE_PAUSE = 5.0
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP)
+
+
+@dataclass
+class Spare:
+    """A build process forked ahead, waiting for its build on command_fd."""
+
+    pid: int
+    command_fd: int
+    report_fd: int
 
 
 @dataclass
@@ -91,6 +103,8 @@ class Supervisor:
         self.pop_at = 0.0  # popping waits for an outage's backoff
         self.kills_at: float | None = 0.0  # when to (re)connect the kill subscription
         self.tick_at = 0.0  # lease refresh and recovery
+        self.spare: Spare | None = None
+        self.spare_at = 0.0  # a spare that died is made again after a pause
         self._pop_fd: int | None = None
         self._kills_sock = None
         self._kills_fd = -1
@@ -122,7 +136,12 @@ class Supervisor:
         )
         if self.on_ready:
             self.on_ready()
+        # What every build process shares is made before any fork and kept
+        # out of the collector's reach, so that children do not copy it.
+        gc.collect()
+        gc.freeze()
         while not (self.stopping and not self.children and not self.popper.pending):
+            self._make_spare()
             self._pop_if_free()
             self._watch_kills()
             for key, _ in self.selector.select(self._wait_time()):
@@ -136,6 +155,7 @@ class Supervisor:
         return 0
 
     def _close(self) -> None:
+        self._drop_spare()
         self.kills.close()
         try:
             for queue, raw in self.unclaimed:
@@ -168,6 +188,8 @@ class Supervisor:
                 # Said before the reopen, so it ends the rotated file.
                 log.info("received SIGHUP: reopening the log file")
                 self.on_hangup()
+                # The spare still writes to the old file: make a new one.
+                self._drop_spare()
 
     def _shutdown(self, name: str) -> None:
         if not self.stopping:
@@ -295,7 +317,7 @@ class Supervisor:
             self.claims.add(payload, queue)
         except redis.RedisError as exc:
             log.error("build %d: not noted for recovery after a crash: %s", payload.build_id, exc)
-        self._fork(payload, claimed)
+        self._start(payload, claimed)
 
     def _put_back(self, queue: str, raw: bytes) -> None:
         try:
@@ -352,23 +374,65 @@ class Supervisor:
 
     # -- children ---------------------------------------------------------
 
-    def _fork(self, payload: Payload, claimed: db.Claimed) -> None:
-        read_fd, write_fd = os.pipe()
-        # SIGTERM (a kill) waits, blocked, until the child's handler is in place.
+    def _fork(self, work: Callable[[], int]) -> int:
+        """Fork a build process that runs work(); SIGTERM (a kill) stays
+        blocked in it until its build's handler is in place."""
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                os.close(read_fd)
                 self._become_child()
-                code = build.main(payload, claimed, self.config, self.drivers, write_fd)
+                code = work()
             except BaseException:
-                log.exception("build %d: the build process failed to start", payload.build_id)
+                log.exception("a build process failed to start")
             finally:
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        os.close(write_fd)
+        return pid
+
+    def _make_spare(self) -> None:
+        if self.spare is not None or self.stopping or time.monotonic() < self.spare_at:
+            return
+        command_r, command_w = os.pipe()
+        report_r, report_w = os.pipe()
+
+        def spare() -> int:
+            os.close(command_w)
+            os.close(report_r)
+            return build.spare(self.config, self.drivers, command_r, report_w)
+
+        pid = self._fork(spare)
+        os.close(command_r)
+        os.close(report_w)
+        self.spare = Spare(pid, command_w, report_r)
+
+    def _drop_spare(self) -> None:
+        """Let the spare go: end of file on its command pipe, and it exits."""
+        if self.spare is not None:
+            os.close(self.spare.command_fd)
+            os.close(self.spare.report_fd)
+            self.spare = None
+
+    def _start(self, payload: Payload, claimed: db.Claimed) -> None:
+        """Hand the claimed build to the spare build process, or fork one for it."""
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            command_fd = spare.command_fd
+            try:
+                os.write(spare.command_fd, report.encode_start(payload, claimed))
+            except BrokenPipeError:  # it died: reaped as a stranger
+                os.close(spare.report_fd)
+                spare = None
+            finally:
+                os.close(command_fd)
+        if spare is None:
+            read_fd, write_fd = os.pipe()
+            pid = self._fork(lambda: build.main(payload, claimed, self.config, self.drivers,
+                                                write_fd))
+            os.close(write_fd)
+        else:
+            pid, read_fd = spare.pid, spare.report_fd
         # Short timeouts get a grace as long as the timeout (at least 5 s).
         grace = min(BACKSTOP_GRACE, max(self.config.timeout, 5.0))
         child = Child(pid, report.ReportReader(read_fd), payload, claimed,
@@ -390,6 +454,8 @@ class Supervisor:
             signal.signal(sig, signal.SIG_DFL)
         fds = [self._wake_r, self._wake_w, self.popper.fileno(), self.kills.fileno()]
         fds += [c.reader.fd for c in self.children.values() if c.reader]
+        if self.spare is not None:
+            fds += [self.spare.command_fd, self.spare.report_fd]
         self.selector.close()
         for fd in fds:
             if fd >= 0:
@@ -431,6 +497,12 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            if self.spare is not None and pid == self.spare.pid:
+                log.error("the spare build process %d %s; making another in %gs", pid,
+                          describe_exit(status), SPARE_PAUSE)
+                self._drop_spare()
+                self.spare_at = time.monotonic() + SPARE_PAUSE
+                continue
             child = self.children.pop(pid, None)
             if child is None:
                 continue
