@@ -15,8 +15,10 @@ test:
 
 bench:
 	.ci/setup demo
+	$(VENV)/bin/pip install -q -e '.[bench]'
 	$(VENV)/bin/python bench/dispatch.py
 	$(VENV)/bin/python bench/output.py
+	$(VENV)/bin/python bench/compare.py
 
 # `make install` puts the worker in a virtualenv of its own and links the
 # command into $(PREFIX)/bin. The virtualenv is made at its final path:

@@ -120,28 +120,30 @@ def test_a_kill_sent_as_the_build_turns_running_is_never_lost(private):
         assert_nothing_left(server, build.id, sleep)
 
 
-def lost_host_build(server, flag) -> object:
+def lost_host_build(server, flag, sleep: str) -> object:
     return server.queue_build([("slow", False, [(
-        "slow", f"if [ -e {flag} ]; then echo again; else touch {flag}; sleep 600; fi")])])
+        "slow", f"if [ -e {flag} ]; then echo again; else touch {flag}; sleep {sleep}; fi")])])
 
 
-def kill_with_builds(worker) -> None:
-    """The host is gone: supervisor and build processes die at once."""
-    children = worker.children()
-    for pid in children:
+def kill_with_builds(worker, sleep: str) -> None:
+    """The host is gone: supervisor, build processes and their jobs die at once."""
+    for pid in worker.children():
         os.killpg(pid, signal.SIGKILL)
     worker.proc.kill()
     worker.proc.wait()
+    for line in processes_with(f"sleep {sleep}"):
+        os.kill(int(line.split(":")[0]), signal.SIGKILL)
 
 
 def test_another_worker_reruns_the_builds_of_a_lost_host(private, tmp_path):
     server, workers = private
     lease = {"lease_ttl": "3s"}
     lost = workers.start(lease, hostname="host-a")
-    build = lost_host_build(server, tmp_path / "ran")
+    sleep = marker()
+    build = lost_host_build(server, tmp_path / "ran", sleep)
     server.wait_job(build.jobs["slow"])
     (left,) = build_dirs(server, build.id)
-    kill_with_builds(lost)
+    kill_with_builds(lost, sleep)
     started = time.monotonic()
     other = workers.start(lease, hostname="host-b")
     row = server.wait(build.id, timeout=20)
@@ -152,27 +154,28 @@ def test_another_worker_reruns_the_builds_of_a_lost_host(private, tmp_path):
     other.wait_log(f"build {build.id}: orphaned by worker host-a:{server.queue}")
     other.wait_log(f"build {build.id}: removed {left}")  # the same machine: its files are here
     assert not os.path.exists(left)
-    assert_nothing_left(server, build.id)
+    assert_nothing_left(server, build.id, sleep)
 
 
 def test_a_build_whose_hosts_are_lost_twice_fails(private, tmp_path):
     server, workers = private
     lease = {"lease_ttl": "3s"}
     first = workers.start(lease, hostname="host-a")
-    build = server.queue_build([("slow", False, [("slow", "sleep 600")])])
+    sleep = marker()
+    build = server.queue_build([("slow", False, [("slow", f"sleep {sleep}")])])
     server.wait_job(build.jobs["slow"])
-    kill_with_builds(first)
+    kill_with_builds(first, sleep)
     second = workers.start(lease, hostname="host-b")
     second.wait_log(f"build {build.id}: orphaned by worker host-a", timeout=15)
     server.wait_job(build.jobs["slow"])
-    kill_with_builds(second)
+    kill_with_builds(second, sleep)
     third = workers.start(lease, hostname="host-c")
     row = server.wait(build.id, timeout=20)
     assert row["status"] == "failed"
     assert "Build orphaned again: worker host-b:" in row["output"]
     assert row["output"].endswith("Done. Run failed\n")
     third.wait_log(f"build {build.id}: orphaned a second time by worker host-b")
-    assert_nothing_left(server, build.id)
+    assert_nothing_left(server, build.id, sleep)
 
 
 def test_one_live_worker_per_identity(private):

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 BACKSTOP_GRACE = 30.0
 # A spare build process that died is made again after this long.
 SPARE_PAUSE = 5.0
+# How long a stopping supervisor waits for its spare to exit (it may be
+# connecting to PostgreSQL).
+SPARE_EXIT = 12.0
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP)
 
@@ -155,7 +158,10 @@ class Supervisor:
         return 0
 
     def _close(self) -> None:
+        spare = self.spare
         self._drop_spare()
+        if spare is not None:
+            _reap_within(spare.pid, SPARE_EXIT)
         self.kills.close()
         try:
             for queue, raw in self.unclaimed:
@@ -631,6 +637,17 @@ class Supervisor:
         if not self.popper.pending and not self.stopping and self.pop_at > now:
             times.append(self.pop_at)
         return max(min(times) - now, 0)
+
+
+def _reap_within(pid: int, seconds: float) -> None:
+    """Wait for a child to exit, for at most seconds; killed after that."""
+    deadline = time.monotonic() + seconds
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            _signal(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return
+        time.sleep(0.01)
 
 
 def _signal(pid: int, sig: int) -> None:
