@@ -22,8 +22,12 @@ DRIVERS = {
 }
 
 
+def load(kind: str) -> type[Driver]:
+    """The class of a driver type, importing its module (and its libraries)."""
+    module, name = DRIVERS[kind]
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
 def make(kind: str, build_id: int, manifest: dict, config, tracker: Tracker, **extra) -> Driver:
     """A driver of the given type; KeyError for a type no driver implements."""
-    module, name = DRIVERS[kind]
-    cls = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    return cls(build_id, manifest, config, tracker, **extra)
+    return load(kind)(build_id, manifest, config, tracker, **extra)

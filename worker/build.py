@@ -140,8 +140,8 @@ def _return_big_buffers() -> None:
 def spare(config: WorkerConfig, drivers: DriverConfig, command_fd: int, report_fd: int) -> int:
     """A build process made before its build, as gunicorn makes workers ahead.
 
-    It connects to PostgreSQL and warms the connection while the supervisor
-    waits for a payload, then reads the claimed build from command_fd and
+    It connects to PostgreSQL, warms the connection and imports the enabled
+    drivers while the supervisor waits for a payload, then reads the claimed build from command_fd and
     runs it: the build starts without waiting for a fork, a connection or
     cold catalog caches. End of file on command_fd means it is not needed.
     SIGTERM stays blocked until the build's handler is in place.
@@ -153,6 +153,8 @@ def spare(config: WorkerConfig, drivers: DriverConfig, command_fd: int, report_f
         db.warm(conn)
     except db.Error:
         conn = None  # the build's session connects, riding out the outage
+    for kind in config.drivers:  # their libraries load here, never in the supervisor
+        driver_types.load(kind)
     with os.fdopen(command_fd, "rb") as command:
         line = command.readline()
     if not line:
