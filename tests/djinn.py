@@ -209,7 +209,7 @@ class Worker:
     def start(self, wait: str | None = "started") -> Worker:
         argv = [WORKER_BIN, "-config", str(self.config_path), "-driver", str(self.driver_path)]
         if self.hostname:
-            argv = ["unshare", "--uts", "sh", "-c", f'hostname "$0" && exec "$@"',
+            argv = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"',
                     self.hostname] + argv
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.DEVNULL, stderr=open(self.workdir / "stderr", "wb"),

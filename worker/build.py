@@ -1,8 +1,9 @@
 """The build child: load one build, run it, report over the pipe, exit.
 
-Runs in a forked process in a session of its own. It opens its own database
-and Redis connections, arms the build timeout, listens for kill requests and
-writes everything the runner reports into the database. Its last act towards
+Runs in a forked process in a session of its own. It talks to PostgreSQL
+only (the supervisor listens for kills and forwards them as SIGTERM), arms
+the build timeout and writes everything the runner reports into the
+database. Its last act towards
 the supervisor is the result on the report pipe; anything it reports before
 that tells the supervisor what to clean up should this process die.
 """
@@ -141,9 +142,9 @@ def spare(config: WorkerConfig, drivers: DriverConfig, command_fd: int, report_f
     """A build process made before its build, as gunicorn makes workers ahead.
 
     It connects to PostgreSQL, warms the connection and imports the enabled
-    drivers while the supervisor waits for a payload, then reads the claimed build from command_fd and
-    runs it: the build starts without waiting for a fork, a connection or
-    cold catalog caches. End of file on command_fd means it is not needed.
+    drivers while the supervisor waits for a payload, then reads the claimed
+    build from command_fd and runs it: the build starts without waiting for
+    a fork, a connection or cold catalog caches. End of file on command_fd means it is not needed.
     SIGTERM stays blocked until the build's handler is in place.
     """
     os.setsid()

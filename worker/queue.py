@@ -13,7 +13,6 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import redis
 
@@ -190,9 +189,7 @@ class Lease:
             holder = json.loads(raw) if raw else {}
         except ValueError:
             holder = {}
-        if raw and holder.get("boot") == boot_id() and holder.get("pid") == os.getpid():
-            pass  # ours already (a second acquire)
-        elif raw and not (holder.get("boot") == boot_id() and not _alive(holder.get("pid"))):
+        if raw and not (holder.get("boot") == boot_id() and not _alive(holder.get("pid"))):
             raise LeaseHeld(
                 f"another worker with identity {self.identity} holds its lease "
                 f"(pid {holder.get('pid', '?')}, boot {str(holder.get('boot', '?'))[:8]}); "
@@ -275,20 +272,16 @@ class KillChannel:
             self._subscribe(build_id)
 
     def _subscribe(self, build_id: int) -> None:
-        channel = kill_channel(build_id)
-        self._confirm(lambda: self._pubsub.subscribe(channel), "subscribe")
-
-    def _confirm(self, send: Callable[[], None], kind: str) -> None:
-        send()
+        """Subscribe and wait for Redis to confirm; kills read meanwhile are kept."""
+        self._pubsub.subscribe(kill_channel(build_id))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             message = self._pubsub.get_message(timeout=1.0)
-            if message is None:
-                continue
-            if message["type"] == kind:
+            if message is not None and message["type"] == "subscribe":
                 return
-            self._keep(message)
-        raise redis.TimeoutError(f"redis at {self.config.addr} did not confirm {kind}")
+            if message is not None:
+                self._keep(message)
+        raise redis.TimeoutError(f"redis at {self.config.addr} did not confirm a subscription")
 
     def unsubscribe(self, build_id: int) -> None:
         self.builds.discard(build_id)
