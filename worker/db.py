@@ -207,11 +207,15 @@ def execute(conn: Connection, statements: list[Statement]) -> None:
     if not statements:
         return
     size = sum(len(arg.data) for _, args in statements for arg in args if isinstance(arg, Utf8Text))
-    batches = [[statement] for statement in statements] if size > _ONE_TRIP else [statements]
+    if size <= _ONE_TRIP:
+        # Several statements in one simple query are one implicit transaction:
+        # no BEGIN and COMMIT round trips around them.
+        _execute(conn, "; ".join(sql for sql, _ in statements),
+                 tuple(arg for _, args in statements for arg in args))
+        return
     with conn:
-        for batch in batches:
-            _execute(conn, "; ".join(sql for sql, _ in batch),
-                     tuple(arg for _, args in batch for arg in args))
+        for sql, args in statements:
+            _execute(conn, sql, args)
 
 
 def output(table: str, row_id: int, data: bytes, keep: int | None) -> Statement:
