@@ -3,8 +3,8 @@
 -- Table and column names and types match the Djinn server's schema, so the
 -- worker runs unchanged against a database the server created (after
 -- ALTER TYPE driver_type ADD VALUE 'os'). This file creates only the tables
--- the worker touches; references to server-only tables (providers, keys,
--- variables, cron) are kept as plain nullable columns.
+-- the worker touches; references to server-only tables (keys, variables,
+-- cron) are kept as plain nullable columns.
 --
 -- Load into an empty database:  psql -d djinn -f dist/schema.sql
 
@@ -172,11 +172,39 @@ CREATE TABLE build_drivers (
     config   JSON        NOT NULL
 );
 
+-- A user's account on a code host. access_token is the OAuth token, AES-GCM
+-- ciphertext under the crypto key: the worker uses it to set commit statuses.
+CREATE TABLE providers (
+    id               SERIAL    PRIMARY KEY,
+    user_id          INT       NOT NULL REFERENCES users (id),
+    provider_user_id INT       NULL,
+    name             VARCHAR   NOT NULL,
+    access_token     BYTEA     NULL,
+    refresh_token    BYTEA     NULL,
+    connected        BOOLEAN   NOT NULL DEFAULT FALSE,
+    main_account     BOOLEAN   NOT NULL DEFAULT FALSE,
+    expires_at       TIMESTAMP NULL
+);
+
+-- A repository on a code host: name is owner/repo (GitHub's path),
+-- repo_id the host's own id (GitLab's project id).
+CREATE TABLE provider_repos (
+    id            SERIAL  PRIMARY KEY,
+    user_id       INT     NOT NULL REFERENCES users (id),
+    provider_id   INT     NOT NULL REFERENCES providers (id),
+    hook_id       INT     NULL,
+    repo_id       INT     NOT NULL,
+    provider_name VARCHAR NOT NULL,
+    enabled       BOOLEAN NOT NULL DEFAULT TRUE,
+    name          VARCHAR NULL,
+    href          VARCHAR NULL
+);
+
 CREATE TABLE build_triggers (
     id          SERIAL       PRIMARY KEY,
     build_id    INT          NOT NULL REFERENCES builds (id) ON DELETE CASCADE,
-    provider_id INT          NULL,
-    repo_id     INT          NULL,
+    provider_id INT          NULL REFERENCES providers (id) ON DELETE SET NULL,
+    repo_id     INT          NULL REFERENCES provider_repos (id) ON DELETE SET NULL,
     type        trigger_type NOT NULL,
     comment     TEXT         NOT NULL,
     data        JSON         NOT NULL,

@@ -75,6 +75,15 @@ def assert_config_error(result, file: str, *words: str) -> None:
     ("output_limit = -1", ["output_limit", "bad size -1"]),
     ('output_limit = "lots"', ["output_limit", "bad size 'lots'"]),
     ("output_limit = true", ["output_limit", "bad size True"]),
+    ('[[providers]]\nname = "bitbucket"', ["providers[0].name", "github, gitlab", "'bitbucket'"]),
+    ('[[providers]]\nsecret = "x"', ["providers[0].name", "is required"]),
+    ('[[providers]]\nname = "github"\ntoken = "x"', ["providers[0].token", "unknown key"]),
+    ('[[providers]]\nname = "gitlab"\nendpoint = "gitlab.example.com"',
+     ["providers[0].endpoint", "http or https URL", "'gitlab.example.com'"]),
+    ('[[providers]]\nname = "github"\n[[providers]]\nname = "github"',
+     ["providers[1].name", "github is listed twice"]),
+    ('[[providers]]\nname = "github"\nclient_id = 12', ["providers[0].client_id", "string"]),
+    ('providers = "github"', ["providers", "array of tables"]),
 ])
 def test_worker_config_errors(tmp_path, worker, words):
     assert_config_error(run(tmp_path, worker), str(tmp_path / "worker.toml"), *words)

@@ -1,11 +1,12 @@
 """The build child: load one build, run it, report over the pipe, exit.
 
 Runs in a forked process in a session of its own. It talks to PostgreSQL
-only (the supervisor listens for kills and forwards them as SIGTERM), arms
-the build timeout and writes everything the runner reports into the
-database. Its last act towards
-the supervisor is the result on the report pipe; anything it reports before
-that tells the supervisor what to clean up should this process die.
+(the supervisor listens for kills and forwards them as SIGTERM), arms the
+build timeout and writes everything the runner reports into the database.
+Its last act towards the supervisor is the result on the report pipe, which
+frees the build's slot; anything it reports before that tells the supervisor
+what to clean up should this process die. After it, the process only sends
+the build's final commit status and failure mail, then exits.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from . import report
 from .report import ReportWriter
 from .reporter import DatabaseReporter
 from .runner import DriverNotEnabled, Runner
-from . import db
+from . import db, statuses
 from djinn_worker import drivers as driver_types
 from djinn_worker.drivers.base import Driver
 from djinn_worker.stores.file import FileStore, StoreError
@@ -41,6 +42,8 @@ class Outcome:
     build_id: int
     status: str
     error: str = ""
+    # The build's commit statuses, whose final one goes after the result.
+    statuses: statuses.Statuses | None = None
 
 
 def make_driver(build: Build, config: WorkerConfig, drivers: DriverConfig,
@@ -81,7 +84,7 @@ def inputs_and_outputs(build: Build, config: WorkerConfig) -> dict:
         parts["objects"] = FileStore("objects", config.objects.path)
     if any(job.artifacts for stage in build.stages for job in stage.jobs):
         parts["artifacts"] = FileStore("artifacts", config.artifacts.path, config.artifacts.limit)
-    if (build.keys or any(v.masked for v in build.variables)) and config.crypto_block:
+    if (build.keys or build.pull or any(v.masked for v in build.variables)) and config.crypto_block:
         from .crypto import BlockCipher
         parts["cipher"] = BlockCipher(config.crypto_block)
     return parts
@@ -109,6 +112,8 @@ def run(payload: Payload, claimed: db.Claimed, config: WorkerConfig, drivers: Dr
             session.call(db.abandon_build, payload.build_id, FAILED, f"{exc}\n{done_line(FAILED)}")
             return Outcome(payload.build_id, FAILED, str(exc))
         setproctitle(f"djinn-worker: build {build.id} ({build.driver_type})")
+        parts = inputs_and_outputs(build, config)
+        commit = statuses.start(build, payload.host, config.providers, parts.get("cipher"))
         runner = Runner(
             build,
             make_driver=lambda: session.call(
@@ -116,9 +121,14 @@ def run(payload: Payload, claimed: db.Claimed, config: WorkerConfig, drivers: Dr
             reporter=DatabaseReporter(session, build, config.output_limit),
             cancel=cancel,
             creating=timer.creating,
-            **inputs_and_outputs(build, config),
+            **parts,
         )
-        return Outcome(build.id, runner.run())
+        try:
+            return Outcome(build.id, runner.run(), statuses=commit)
+        except BaseException:
+            if commit:
+                commit.finish(None)
+            raise
     finally:
         timer.stop()
         session.close()
@@ -187,6 +197,8 @@ def main(payload: Payload, claimed: db.Claimed, config: WorkerConfig, drivers: D
         return 1
     log.info("build %s: finished %s", outcome.build_id, outcome.status)
     pipe.result(outcome.build_id, outcome.status, outcome.error)
+    if outcome.statuses:
+        outcome.statuses.finish(outcome.status)
     if config.smtp.enabled and outcome.status in MAILED:
         from .notify import notify  # only builds that mail pay for the mail stack
         notify(config, payload, outcome.status)

@@ -12,6 +12,7 @@ import socket
 import platform
 import re
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,6 +167,21 @@ class RedisConfig:
         return parse_addr(self.addr, REDIS_PORT, unix=True)
 
 
+PROVIDER_ENDPOINTS = {"github": "https://api.github.com", "gitlab": "https://gitlab.com/api/v4"}
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """A code host whose pull requests get commit statuses.
+
+    Only the name and the API endpoint matter to the worker; the server's
+    OAuth settings of the same table are accepted so one file serves both.
+    """
+
+    name: str
+    endpoint: str
+
+
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
@@ -191,6 +207,7 @@ class WorkerConfig:
     output_limit: int = 8 * 1024 * 1024
     # A worker not heard of for this long is gone: its builds are recovered.
     lease_ttl: float = 30.0
+    providers: tuple[ProviderConfig, ...] = ()
 
     @property
     def queues(self) -> list[str]:
@@ -371,15 +388,35 @@ def _store(top: _Table, key: str, default_path: str, with_limit: bool) -> StoreC
     )
 
 
+def _providers(top: _Table) -> tuple[ProviderConfig, ...]:
+    raw = top.data.get("providers", [])
+    if not isinstance(raw, list):
+        raise top.error("providers", "must be an array of tables ([[providers]])")
+    providers: dict[str, ProviderConfig] = {}
+    for i, data in enumerate(raw):
+        table = _Table(top.path, f"providers[{i}]", data,
+                       {"name", "endpoint", "secret", "client_id", "client_secret"})
+        for key in ("secret", "client_id", "client_secret"):
+            table.string(key)
+        if "name" not in table.data:
+            raise table.error("name", "is required: github or gitlab")
+        name = table.choice("name", tuple(PROVIDER_ENDPOINTS), "")
+        if name in providers:
+            raise table.error("name", f"{name} is listed twice")
+        endpoint = table.string("endpoint", PROVIDER_ENDPOINTS[name]).rstrip("/")
+        url = urllib.parse.urlsplit(endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise table.error("endpoint", f"must be an http or https URL, got {endpoint!r}")
+        providers[name] = ProviderConfig(name, endpoint)
+    return tuple(providers.values())
+
+
 def load_worker(path: str) -> WorkerConfig:
     """Load worker.toml; raises ConfigError naming the first thing wrong."""
     top = _Table(path, "", _read(path, "-config", "worker config"), {
         "parallelism", "driver", "queue", "timeout", "crypto", "smtp",
         "database", "redis", "images", "artifacts", "objects", "log", "output_limit",
-        "lease_ttl",
-        # The original example worker.toml carries the server's OAuth
-        # providers; accept them so existing configs load, and ignore them.
-        "providers",
+        "lease_ttl", "providers",
     })
     queue = top.string("queue", "builds")
     if not queue:
@@ -428,6 +465,7 @@ def load_worker(path: str) -> WorkerConfig:
             file=log.string("file", "/dev/stdout") or "/dev/stdout",
         ),
         output_limit=output_limit,
+        providers=_providers(top),
     )
     for table, server in ((database, config.database), (redis, config.redis), (smtp, config.smtp)):
         if table is not smtp or server.enabled:

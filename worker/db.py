@@ -20,8 +20,8 @@ import psycopg2.extensions
 
 from .config import DatabaseConfig
 from .model import (
-    FAILED, RUNNING, Artifact, Build, FailureNotice, Job, Key, Object, Stage, StopBuild, Trigger,
-    Variable,
+    FAILED, RUNNING, Artifact, Build, FailureNotice, Job, Key, Object, PullRequest, Stage, StopBuild,
+    Trigger, Variable,
 )
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,13 @@ SELECT b.user_id, b.namespace_id, b.number, b.secret, d.type, d.config,
      FROM build_keys WHERE build_id = b.id),
   (SELECT json_agg(json_build_array(bo.id, bo.source, bo.name, o.hash) ORDER BY bo.id)
      FROM build_objects bo LEFT JOIN objects o ON o.id = bo.object_id AND o.deleted_at IS NULL
-     WHERE bo.build_id = b.id)
+     WHERE bo.build_id = b.id),
+  (SELECT username FROM users WHERE id = b.user_id),
+  (SELECT json_build_array(p.name, encode(p.access_token, 'base64'), r.name, r.repo_id,
+                           t.data->>'sha')
+     FROM build_triggers t JOIN providers p ON p.id = t.provider_id
+     LEFT JOIN provider_repos r ON r.id = t.repo_id
+     WHERE t.build_id = b.id AND t.type = 'pull' ORDER BY t.id LIMIT 1)
 FROM builds b LEFT JOIN LATERAL (
   SELECT type, config FROM build_drivers WHERE build_id = b.id ORDER BY id LIMIT 1
 ) d ON TRUE WHERE b.id = %s
@@ -120,7 +126,7 @@ def load_build(conn: Connection, build_id: int) -> Build:
         row = cur.fetchone()
     if row is None:
         raise BuildRowError(f"build {build_id} does not exist")
-    user_id, namespace_id, number, secret, driver_type, driver, *lists = row
+    user_id, namespace_id, number, secret, driver_type, driver, *lists, username, pull = row
     stage_rows, job_rows, artifact_rows, variable_rows, key_rows, object_rows = (
         rows or [] for rows in lists)
     if driver_type is None:
@@ -129,7 +135,8 @@ def load_build(conn: Connection, build_id: int) -> Build:
         raise BuildRowError(f"build_drivers.config of build {build_id} is not a JSON object")
     build = Build(
         id=build_id, user_id=user_id, namespace_id=namespace_id, number=number,
-        secret=secret, driver_type=driver_type, driver=driver,
+        secret=secret, driver_type=driver_type, driver=driver, username=username or "",
+        pull=_pull_request(pull),
     )
     stages = {sid: Stage(sid, name, can_fail) for sid, name, can_fail in stage_rows}
     build.stages = list(stages.values())
@@ -150,6 +157,17 @@ def load_build(conn: Connection, build_id: int) -> Build:
     ]
     build.objects = [Object(*row) for row in object_rows]
     return build
+
+
+def _pull_request(row: list | None) -> PullRequest | None:
+    """The first pull trigger's commit, if it names a provider, repository and commit."""
+    if row is None:
+        return None
+    provider, token, repo, repo_id, sha = row
+    if repo_id is None or not sha:
+        return None
+    return PullRequest(provider, base64.b64decode(token) if token else None, repo or "",
+                       repo_id, sha)
 
 
 def find_image(conn: Connection, user_id: int, namespace_id: int | None, driver: str,

@@ -85,6 +85,17 @@ class Variable:
     masked: bool = False
 
 
+@dataclass(frozen=True)
+class PullRequest:
+    """The commit a pull-request build tests, and where its status goes."""
+
+    provider: str  # github | gitlab
+    token: bytes | None  # the OAuth access token, sealed with the crypto key
+    repo: str  # owner/repo, GitHub's path of the repository
+    repo_id: int  # the code host's id of it, GitLab's project id
+    sha: str
+
+
 @dataclass
 class Build:
     id: int
@@ -98,6 +109,8 @@ class Build:
     variables: list[Variable] = field(default_factory=list)
     keys: list[Key] = field(default_factory=list)
     objects: list[Object] = field(default_factory=list)
+    username: str = ""  # the owner's, for links to the build
+    pull: PullRequest | None = None
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
-"""Failure mail for one build, sent by its build process or by the supervisor.
+"""Failure mail and commit statuses for a build that is over.
 
-Its own module so that the supervisor, which mails only for builds whose
-process died, imports the mail stack only in the short-lived process that
-sends it.
+The build process sends its own; the supervisor sends them only for builds
+whose process died, from a short-lived process, so that it never imports the
+mail or HTTP stacks itself.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import socket
 
-from . import db, mail
+from . import db, mail, statuses
 from .config import WorkerConfig
+from .crypto import BlockCipher
 from .model import MAILED
 from .queue import Payload
 
@@ -44,3 +45,22 @@ def notify(config: WorkerConfig, payload: Payload, status: str) -> None:
         log.exception("build %s: no failure mail sent: %s", payload.build_id, exc)
     else:
         log.info("build %s: failure mail sent to %s", payload.build_id, ", ".join(notice.recipients))
+
+
+def commit_status(config: WorkerConfig, payload: Payload, status: str) -> None:
+    """The final commit status of a build settled by the supervisor."""
+    if not config.providers:
+        return
+    try:
+        conn = db.connect(config.database, application="djinn-worker notices")
+        try:
+            build = db.load_build(conn, payload.build_id)
+        finally:
+            conn.close()
+        cipher = BlockCipher(config.crypto_block) if config.crypto_block else None
+        target = statuses.target(build, payload.host, config.providers, cipher)
+    except Exception as exc:
+        log.error("build %s: no commit status set: %s", payload.build_id, str(exc).strip())
+        return
+    if target is not None:
+        statuses.Statuses(target).finish(status)

@@ -98,7 +98,7 @@ class Supervisor:
         self.lease = Lease(client, config.identity, config.lease_ttl)
         self.kills = KillChannel(config.redis)
         self.recovery = Recovery(client, config.identity, config.queue, self._db,
-                                 lambda claim, status: self._mail_in_background(claim.payload, status))
+                                 lambda claim, status: self._notify_in_background(claim.payload, status))
         self.database = Outage(f"the database at {config.database.addr}")
         self.redis = Outage(f"redis at {config.redis.addr}")
         # Payloads popped but neither claimed nor put back while a server was away.
@@ -254,7 +254,7 @@ class Supervisor:
 
     def _pop_if_free(self) -> None:
         if (self.stopping or self.popper.pending or time.monotonic() < self.pop_at
-                or len(self.children) >= self.config.slots):
+                or self._running() >= self.config.slots):
             return
         if self.unclaimed:
             self._take(*self.unclaimed.pop(0))
@@ -486,6 +486,7 @@ class Supervisor:
                           child.build_id, child.paths[-1], exc)
         elif message.kind == report.RESULT:
             child.result = message.data
+            self._title()
         else:
             log.error("build %d: unreadable report %r", child.build_id, message.data)
 
@@ -555,17 +556,19 @@ class Supervisor:
                                  "once it is back")
             return False
         log.error("build %d: %s; marked %s", child.build_id, how, final)
-        self._mail_in_background(child.payload, final)
+        self._notify_in_background(child.payload, final)
         return True
 
-    def _mail_in_background(self, payload: Payload, status: str) -> None:
-        """Failure mail for a build whose own process could not send it."""
-        if self.config.smtp.enabled:
-            def mail() -> None:
-                from .notify import notify
-                notify(self.config, payload, status)
+    def _notify_in_background(self, payload: Payload, status: str) -> None:
+        """The final commit status and failure mail of a build whose own
+        process could not send them."""
+        if self.config.smtp.enabled or self.config.providers:
+            def notices() -> None:
+                from . import notify
+                notify.commit_status(self.config, payload, status)
+                notify.notify(self.config, payload, status)
 
-            self._in_background(f"mail for build {payload.build_id}", mail)
+            self._in_background(f"notices for build {payload.build_id}", notices)
 
     def _in_background(self, what: str, work: Callable[[], None]) -> int:
         """Run slow clean-up work (SMTP, the docker engine) in a short-lived fork.
@@ -622,10 +625,15 @@ class Supervisor:
                           child.build_id, child.pid)
                 self._kill_groups(child)
 
+    def _running(self) -> int:
+        """Builds that hold a slot: a process that has reported its result
+        only sends notices (commit status, mail) before it exits."""
+        return sum(1 for child in self.children.values() if child.result is None)
+
     def _title(self) -> None:
         """What ps shows for the supervisor: its queue and how busy it is."""
         setproctitle(f"djinn-worker: supervisor ({self.config.queue}, "
-                     f"{len(self.children)}/{self.config.slots} running)")
+                     f"{self._running()}/{self.config.slots} running)")
 
     def _wait_time(self) -> float:
         times = [c.deadline for c in self.children.values()
