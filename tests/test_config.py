@@ -57,7 +57,12 @@ def assert_config_error(result, file: str, *words: str) -> None:
     ('timeout = "5 minutes"', ["timeout", "bad duration", "'5 minutes'"]),
     ('timeout = "1h30"', ["timeout", "bad duration"]),
     ("timeout = 30", ["timeout"]),
-    ('[crypto]\nblock = "too-short"', ["crypto.block", "16, 24 or 32", "got 9"]),
+    ('[crypto]\nblock = "too-short"', ["crypto.block", "16, 24 or 32", "crypto.salt is not set",
+                                        "got 9"]),
+    ('[crypto]\nsalt = "NaCl"', ["crypto.salt", "needs crypto.block"]),
+    ('[crypto]\nblock = ""\nsalt = "NaCl"', ["crypto.block", "must not be empty", "crypto.salt"]),
+    ('[crypto]\nblock = "0123456789abcdef"\nsalt = ""', ["crypto.salt", "must not be empty"]),
+    ("[crypto]\nsalt = 42", ["crypto.salt", "must be a string", "42"]),
     ('[artifacts]\ntype = "s3"\npath = "/tmp"', ["artifacts.type", "'s3'"]),
     ('[log]\nlevel = "verbose"', ["log.level", "'verbose'"]),
     ('driver = "podman"', ["driver", "unknown driver 'podman'"]),
@@ -122,9 +127,14 @@ def test_double_dash_flags_and_version(tmp_path):
     assert_config_error(result, str(tmp_path / "absent.toml"), "not found")
 
 
-def test_valid_config_gets_as_far_as_connecting(tmp_path):
+@pytest.mark.parametrize("worker", [
+    'driver = "os"\ntimeout = "1h30m"\nparallelism = 2',
+    # With a salt the key is derived, so the block may have any length.
+    'driver = "os"\n[crypto]\nblock = "too-short"\nsalt = "NaCl"',
+], ids=["plain", "salted-block"])
+def test_valid_config_gets_as_far_as_connecting(tmp_path, worker):
     """The control case: without a config error the same setup exits 1, not 2."""
-    result = run(tmp_path, 'driver = "os"\ntimeout = "1h30m"\nparallelism = 2')
+    result = run(tmp_path, worker)
     assert result.returncode == 1, result.stderr
     assert "cannot connect to the database" in result.stdout + result.stderr
 

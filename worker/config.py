@@ -191,6 +191,18 @@ class WorkerConfig:
     output_limit: int = 8 * 1024 * 1024
     # A worker not heard of for this long is gone: its builds are recovered.
     lease_ttl: float = 30.0
+    # With a salt, the AES key is derived from the block (later Djinn servers).
+    crypto_salt: bytes | None = None
+
+    @property
+    def cipher_key(self) -> bytes | None:
+        """The AES key the server sealed keys and masked values with; None
+        without crypto.block."""
+        if self.crypto_block is None or self.crypto_salt is None:
+            return self.crypto_block
+        # Imported here: crypto.py loads pycryptodome, which only builds need.
+        from .crypto import derive_key
+        return derive_key(self.crypto_block, self.crypto_salt)
 
     @property
     def queues(self) -> list[str]:
@@ -371,6 +383,29 @@ def _store(top: _Table, key: str, default_path: str, with_limit: bool) -> StoreC
     )
 
 
+def _crypto(top: _Table) -> tuple[bytes | None, bytes | None]:
+    """crypto.block and crypto.salt as bytes.
+
+    With a salt the key is derived, always 32 bytes, so the block may be any
+    length; without one the block is the key and must fit AES.
+    """
+    crypto = top.table("crypto", {"block", "salt"})
+    block, salt = crypto.get("block", str), crypto.get("salt", str)
+    if salt is None:
+        if block is not None and len(block.encode()) not in (16, 24, 32):
+            raise crypto.error(
+                "block", "must be 16, 24 or 32 characters long when crypto.salt is not set, "
+                f"got {len(block.encode())}")
+        return (block.encode() if block is not None else None), None
+    if not salt:
+        raise crypto.error("salt", "must not be empty; leave it out to use crypto.block as the key")
+    if block is None:
+        raise crypto.error("salt", "needs crypto.block: the key is derived from the block and the salt")
+    if not block:
+        raise crypto.error("block", "must not be empty: with crypto.salt the key is derived from it")
+    return block.encode(), salt.encode()
+
+
 def load_worker(path: str) -> WorkerConfig:
     """Load worker.toml; raises ConfigError naming the first thing wrong."""
     top = _Table(path, "", _read(path, "-config", "worker config"), {
@@ -385,12 +420,7 @@ def load_worker(path: str) -> WorkerConfig:
     if not queue:
         raise top.error("queue", "must not be empty")
 
-    crypto = top.table("crypto", {"block"})
-    block = crypto.get("block", str)
-    if block is not None and len(block.encode()) not in (16, 24, 32):
-        raise crypto.error(
-            "block", f"must be 16, 24 or 32 characters long, got {len(block.encode())}"
-        )
+    block, salt = _crypto(top)
 
     smtp = top.table("smtp", {"addr", "ca", "admin", "username", "password"})
     database = top.table("database", {"addr", "name", "username", "password", "outage"})
@@ -408,7 +438,8 @@ def load_worker(path: str) -> WorkerConfig:
         drivers=_drivers(top),
         queue=queue,
         timeout=top.duration("timeout", 30 * 60.0),
-        crypto_block=block.encode() if block is not None else None,
+        crypto_block=block,
+        crypto_salt=salt,
         smtp=SMTPConfig(**{k: smtp.string(k) for k in smtp.data}),
         database=DatabaseConfig(
             **{k: database.string(k) for k in database.data if k != "outage"},
