@@ -141,6 +141,25 @@ class SMTPConfig:
 
 
 @dataclass(frozen=True)
+class DatabaseSSL:
+    """TLS to PostgreSQL, from [database.ssl]: always verify-full, so that
+    the connection is encrypted to the server the CA vouches for under the
+    name in database.addr; cert and key add a client certificate."""
+
+    ca: str
+    cert: str = ""
+    key: str = ""
+
+    @property
+    def params(self) -> dict[str, str]:
+        """libpq's connection parameters."""
+        params = {"sslmode": "verify-full", "sslrootcert": self.ca}
+        if self.cert:
+            params.update(sslcert=self.cert, sslkey=self.key)
+        return params
+
+
+@dataclass(frozen=True)
 class DatabaseConfig:
     addr: str = "localhost:5432"
     name: str = "djinn"
@@ -148,6 +167,8 @@ class DatabaseConfig:
     password: str = ""
     # How long a build process rides out PostgreSQL being away.
     outage: float = 300.0
+    # None: libpq's defaults, as without [database.ssl] before.
+    ssl: DatabaseSSL | None = None
 
     @property
     def address(self) -> Address:
@@ -383,6 +404,39 @@ def _store(top: _Table, key: str, default_path: str, with_limit: bool) -> StoreC
     )
 
 
+def _readable(table: _Table, key: str) -> str:
+    """A file setting that names a file the worker can read, checked at start
+    so that a typo is a config error and not a failed connection later."""
+    path = table.string(key)
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise table.error(key, f"{path}: no such file") from None
+    except OSError as exc:
+        raise table.error(key, f"cannot read {path}: {exc.strerror}") from None
+    return path
+
+
+def _database_ssl(database: _Table) -> DatabaseSSL | None:
+    """[database.ssl]: ca alone, or ca, cert and key; nothing set is no TLS,
+    as the original worker reads a table of empty values."""
+    ssl = database.table("ssl", {"ca", "cert", "key"})
+    ca, cert, key = (ssl.string(k) for k in ("ca", "cert", "key"))
+    if cert and not key:
+        raise ssl.error("key", "must be set with cert: the client certificate's private key")
+    if key and not cert:
+        raise ssl.error("cert", "must be set with key: the client certificate")
+    if not ca:
+        if cert:
+            raise ssl.error("ca", "must be set with cert and key: the server's certificate "
+                                  "is verified against it")
+        return None
+    return DatabaseSSL(ca=_readable(ssl, "ca"),
+                       cert=_readable(ssl, "cert") if cert else "",
+                       key=_readable(ssl, "key") if key else "")
+
+
 def _crypto(top: _Table) -> tuple[bytes | None, bytes | None]:
     """crypto.block and crypto.salt as bytes.
 
@@ -423,7 +477,7 @@ def load_worker(path: str) -> WorkerConfig:
     block, salt = _crypto(top)
 
     smtp = top.table("smtp", {"addr", "ca", "admin", "username", "password"})
-    database = top.table("database", {"addr", "name", "username", "password", "outage"})
+    database = top.table("database", {"addr", "name", "username", "password", "outage", "ssl"})
     redis = top.table("redis", {"addr", "password", "db"})
     log = top.table("log", {"level", "file"})
     output_limit = WorkerConfig.output_limit
@@ -442,8 +496,9 @@ def load_worker(path: str) -> WorkerConfig:
         crypto_salt=salt,
         smtp=SMTPConfig(**{k: smtp.string(k) for k in smtp.data}),
         database=DatabaseConfig(
-            **{k: database.string(k) for k in database.data if k != "outage"},
+            **{k: database.string(k) for k in database.data if k not in ("outage", "ssl")},
             outage=database.duration("outage", DatabaseConfig.outage),
+            ssl=_database_ssl(database),
         ),
         lease_ttl=top.duration("lease_ttl", WorkerConfig.lease_ttl),
         redis=RedisConfig(
@@ -466,6 +521,9 @@ def load_worker(path: str) -> WorkerConfig:
                 server.address
             except ValueError as exc:
                 raise table.error("addr", str(exc)) from None
+    if config.database.ssl and config.database.address.unix:
+        raise database.error("ssl", "libpq never uses TLS over a unix socket: set database.addr "
+                                    "to a host and port")
     return config
 
 
