@@ -186,13 +186,18 @@ def toml_value(value) -> str:
 
 
 def write_toml(path: Path, data: dict) -> Path:
-    lines = [f"{k} = {toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for section, table in data.items():
-        if isinstance(table, dict):
-            lines.append(f"\n[{section}]")
-            lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(_toml_lines(data, "")) + "\n")
     return path
+
+
+def _toml_lines(table: dict, prefix: str) -> list[str]:
+    """A table's keys, then each of its tables ([database.ssl] within [database])."""
+    lines = [f"{k} = {toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    for name, sub in table.items():
+        if isinstance(sub, dict):
+            lines.append(f"\n[{prefix}{name}]")
+            lines += _toml_lines(sub, f"{prefix}{name}.")
+    return lines
 
 
 class Worker:

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg2
@@ -58,13 +59,26 @@ def _wait(check, what: str, timeout: float = 30.0) -> None:
             time.sleep(0.05)
 
 
+@dataclass(frozen=True)
+class ServerTLS:
+    """What a Postgres runs with ssl = on: its certificate and key, the CA
+    it verifies client certificates against, and the pg_hba.conf lines that
+    replace the default ones (the unix socket stays trusted)."""
+
+    cert: str
+    key: str
+    ca: str
+    hba: tuple[str, ...]
+
+
 class Postgres:
-    def __init__(self, parent: Path | None = None) -> None:
+    def __init__(self, parent: Path | None = None, tls: ServerTLS | None = None) -> None:
         bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
         self.bin = Path(bins[-1]) if bins else Path(shutil.which("initdb") or "initdb").parent
         self.dir = Path(tempfile.mkdtemp(prefix="djinn-test-pg-", dir=parent))
         self.port = free_port()
         self.user = None
+        self.tls = tls
         self.proc: subprocess.Popen | None = None
         if os.getuid() == 0:
             self.user = "postgres"
@@ -79,7 +93,25 @@ class Postgres:
         data = self.dir / "data"
         self._run(str(self.bin / "initdb"), "-D", str(data), "-U", "postgres",
                   "--auth=trust", "-E", "UTF8", "--no-sync", "--no-instructions")
+        if self.tls:
+            self._configure_tls(data)
         return self._launch()
+
+    def _configure_tls(self, data: Path) -> None:
+        """Copies of the files inside the cluster, owned by its user: the
+        server refuses a key that others can read."""
+        settings = ["ssl = on"]
+        for name, source in (("ssl_cert_file", self.tls.cert), ("ssl_key_file", self.tls.key),
+                             ("ssl_ca_file", self.tls.ca)):
+            target = data / Path(source).name
+            shutil.copyfile(source, target)
+            target.chmod(0o600)
+            if self.user:
+                shutil.chown(target, self.user, self.user)
+            settings.append(f"{name} = '{target}'")
+        with open(data / "postgresql.conf", "a") as conf:
+            conf.write("\n".join(settings) + "\n")
+        (data / "pg_hba.conf").write_text("\n".join(("local all all trust",) + self.tls.hba) + "\n")
 
     def restart(self, down: float) -> None:
         """Stop the server, stay away for `down` seconds, and start it again

@@ -11,8 +11,6 @@ The server runs in a thread of its own and keeps every message it accepts.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import ssl
 import threading
 import warnings
@@ -26,10 +24,7 @@ from typing import Iterator
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from pki import CA
 from services import free_port
 
 USERNAME = "djinn"
@@ -55,83 +50,10 @@ class Certificates:
 def make_certificates(
     directory: Path, names: tuple[str, ...] = ("127.0.0.1", "localhost")
 ) -> Certificates:
-    """A fresh CA and a server certificate it signed, valid for `names`.
-
-    A separate CA, rather than one self-signed leaf, is what smtp.ca points
-    at in production, and it passes OpenSSL's strict checks as well.
-    EC keys keep generation to milliseconds, so every test can have its own.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "djinn-worker test CA")])
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(cert_sign=True), critical=True)
-        .add_extension(ca_ski, critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    alt_names = x509.SubjectAlternativeName([_general_name(n) for n in names])
-    server_auth = x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH])
-    ca_aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(alt_names, critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(cert_sign=False), critical=True)
-        .add_extension(server_auth, critical=False)
-        .add_extension(ca_aki, critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    files = Certificates(
-        ca_file=str(directory / "ca.pem"),
-        cert_file=str(directory / "server.pem"),
-        key_file=str(directory / "server.key"),
-    )
-    Path(files.ca_file).write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    Path(files.cert_file).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    Path(files.key_file).write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return files
-
-
-def _key_usage(cert_sign: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=not cert_sign, content_commitment=False, key_encipherment=False,
-        data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign,
-        crl_sign=cert_sign, encipher_only=False, decipher_only=False,
-    )
-
-
-def _general_name(name: str) -> x509.GeneralName:
-    try:
-        return x509.IPAddress(ipaddress.ip_address(name))
-    except ValueError:
-        return x509.DNSName(name)
+    """A fresh CA and a server certificate it signed, valid for `names`."""
+    ca = CA(directory)
+    cert_file, key_file = ca.issue("server", names[0], names)
+    return Certificates(ca_file=ca.file, cert_file=cert_file, key_file=key_file)
 
 
 class SMTPServer:

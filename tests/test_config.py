@@ -57,7 +57,15 @@ def assert_config_error(result, file: str, *words: str) -> None:
     ('timeout = "5 minutes"', ["timeout", "bad duration", "'5 minutes'"]),
     ('timeout = "1h30"', ["timeout", "bad duration"]),
     ("timeout = 30", ["timeout"]),
-    ('[crypto]\nblock = "too-short"', ["crypto.block", "16, 24 or 32", "got 9"]),
+    ('[crypto]\nblock = "too-short"', ["crypto.block", "16, 24 or 32", "crypto.salt is not set",
+                                        "got 9"]),
+    ('[crypto]\nsalt = "NaCl"', ["crypto.salt", "needs crypto.block"]),
+    ('[crypto]\nblock = ""\nsalt = "NaCl"', ["crypto.block", "must not be empty", "crypto.salt"]),
+    ('[crypto]\nblock = "0123456789abcdef"\nsalt = ""', ["crypto.salt", "must not be empty"]),
+    ("[crypto]\nsalt = 42", ["crypto.salt", "must be a string", "42"]),
+    ('[database]\nssl = "on"', ["database.ssl", "must be a table"]),
+    ('[database]\naddr = "/run/postgresql"\n[database.ssl]\nca = "/etc/passwd"',
+     ["database.ssl", "unix socket"]),
     ('[artifacts]\ntype = "s3"\npath = "/tmp"', ["artifacts.type", "'s3'"]),
     ('[log]\nlevel = "verbose"', ["log.level", "'verbose'"]),
     ('driver = "podman"', ["driver", "unknown driver 'podman'"]),
@@ -87,6 +95,26 @@ def assert_config_error(result, file: str, *words: str) -> None:
 ])
 def test_worker_config_errors(tmp_path, worker, words):
     assert_config_error(run(tmp_path, worker), str(tmp_path / "worker.toml"), *words)
+
+
+@pytest.mark.parametrize("ssl, words", [
+    ({"ca": "ca.pem", "cert": "client.pem"}, ["database.ssl.key", "must be set with cert"]),
+    ({"ca": "ca.pem", "key": "client.key"}, ["database.ssl.cert", "must be set with key"]),
+    ({"cert": "client.pem", "key": "client.key"}, ["database.ssl.ca", "must be set with cert and key"]),
+    ({"ca": "absent.pem"}, ["database.ssl.ca", "absent.pem: no such file"]),
+    ({"ca": "ca.pem", "cert": "client.pem", "key": "absent.key"},
+     ["database.ssl.key", "absent.key: no such file"]),
+    # Tests run as root, who reads any file: a directory is what cannot be read.
+    ({"ca": "certs"}, ["database.ssl.ca", "cannot read", "certs: Is a directory"]),
+    ({"ca": "ca.pem", "sslmode": "require"}, ["database.ssl.sslmode", "unknown key"]),
+])
+def test_database_ssl_errors(tmp_path, ssl, words):
+    (tmp_path / "certs").mkdir()
+    for name in ("ca.pem", "client.pem", "client.key"):
+        (tmp_path / name).write_text("PEM\n")
+    table = "".join(f'{key} = "{tmp_path / name}"\n' for key, name in ssl.items())
+    result = run(tmp_path, f"[database.ssl]\n{table}")
+    assert_config_error(result, str(tmp_path / "worker.toml"), *words)
 
 
 def test_qemu_must_name_the_host_architecture(tmp_path):
@@ -131,9 +159,17 @@ def test_double_dash_flags_and_version(tmp_path):
     assert_config_error(result, str(tmp_path / "absent.toml"), "not found")
 
 
-def test_valid_config_gets_as_far_as_connecting(tmp_path):
+@pytest.mark.parametrize("worker", [
+    'driver = "os"\ntimeout = "1h30m"\nparallelism = 2',
+    # With a salt the key is derived, so the block may have any length.
+    'driver = "os"\n[crypto]\nblock = "too-short"\nsalt = "NaCl"',
+    # Empty values are no TLS, as the original worker reads them.
+    'driver = "os"\n[database.ssl]\nca = ""\ncert = ""\nkey = ""',
+    'driver = "os"\n[database.ssl]\nca = "/etc/passwd"',
+], ids=["plain", "salted-block", "empty-ssl", "ssl-ca"])
+def test_valid_config_gets_as_far_as_connecting(tmp_path, worker):
     """The control case: without a config error the same setup exits 1, not 2."""
-    result = run(tmp_path, 'driver = "os"\ntimeout = "1h30m"\nparallelism = 2')
+    result = run(tmp_path, worker)
     assert result.returncode == 1, result.stderr
     assert "cannot connect to the database" in result.stdout + result.stderr
 

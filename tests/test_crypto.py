@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
-from djinn_worker.crypto import BlockCipher, CryptoError, _seal
+from djinn_worker.crypto import BlockCipher, CryptoError, _seal, derive_key
 
 # McGrew & Viega, "The Galois/Counter Mode of Operation (GCM)", test cases 3,
 # 9 and 15 (96-bit IV, no additional data), one per AES key size.
@@ -114,3 +116,32 @@ def test_errors_carry_no_key_or_plaintext() -> None:
             assert secret.decode() not in message
             assert secret.hex() not in message
             assert repr(secret) not in message
+
+
+def test_derived_key_known_answer() -> None:
+    """The published PBKDF2-HMAC-SHA256 vector for P="password", S="salt",
+    c=4096, dkLen=32 (the RFC 6070 inputs with SHA-256; `openssl kdf -keylen 32
+    -kdfopt digest:SHA256 -kdfopt pass:password -kdfopt salt:salt -kdfopt
+    iter:4096 PBKDF2` prints the same bytes)."""
+    assert derive_key(b"password", b"salt") == bytes.fromhex(
+        "c5e478d59288c841aa530db6845c4c8d962893a001ce4e11a4963873aa98134a")
+
+
+@pytest.mark.parametrize("block, salt", [
+    (b"0123456789abcdef0123456789abcdef", b"a-long-random-salt-from-djinn.conf"),
+    (b"short", b"s"),
+    ("bl\u00f6ck \u2603".encode(), b"\x00\xff"),
+])
+def test_derived_key_matches_another_implementation(block: bytes, salt: bytes) -> None:
+    kdf = PBKDF2HMAC(algorithm=hashes.SHA256(), length=32, salt=salt, iterations=4096)
+    assert derive_key(block, salt) == kdf.derive(block)
+
+
+def test_derived_key_opens_what_it_sealed_and_differs_from_the_block() -> None:
+    block = b"0123456789abcdef0123456789abcdef"
+    key = derive_key(block, b"salt")
+    assert len(key) == 32 and key != block
+    sealed = BlockCipher(key).encrypt(b"secret")
+    assert BlockCipher(derive_key(block, b"salt")).decrypt(sealed) == b"secret"
+    with pytest.raises(CryptoError):
+        BlockCipher(block).decrypt(sealed)

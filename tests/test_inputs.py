@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import re
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
 from djinn_worker.crypto import BlockCipher
 
 BOTH = pytest.mark.parametrize("schema", ["dist", "original"], indirect=True)
 BLOCK = "0123456789abcdef0123456789abcdef"
+# A later server's settings: with a salt the block may be any length.
+SALTED = {"block": "a block that is no AES key length", "salt": "NaCl-5f3e"}
 KEY = (b"-----BEGIN OPENSSH PRIVATE KEY-----\n"
        + os.urandom(48).hex().encode() + b"\n-----END OPENSSH PRIVATE KEY-----\n")
 YES = b"djinn\n"
@@ -49,14 +54,29 @@ def test_object_is_placed_and_checked_by_the_job(server, make_worker, tmp_path):
     assert placed == {"blob.bin": True, "gone.bin": False}
 
 
-def test_key_is_decrypted_placed_and_never_logged(server, make_worker):
-    worker = make_worker({"crypto": {"block": BLOCK}})
-    secret = BlockCipher(BLOCK.encode()).encrypt(KEY)
+def server_key(crypto: dict) -> bytes:
+    """The key the server seals with, derived here by another implementation
+    (the cryptography package) than the worker's."""
+    if "salt" not in crypto:
+        return crypto["block"].encode()
+    kdf = PBKDF2HMAC(algorithm=hashes.SHA256(), length=32, salt=crypto["salt"].encode(),
+                     iterations=4096)
+    return kdf.derive(crypto["block"].encode())
+
+
+@pytest.mark.parametrize("crypto", [{"block": BLOCK}, SALTED], ids=["block", "salted"])
+def test_key_is_decrypted_placed_and_never_logged(server, make_worker, crypto):
+    worker = make_worker({"crypto": crypto})
+    cipher = BlockCipher(server_key(crypto))
+    secret = cipher.encrypt(KEY)
+    token = "tok-" + os.urandom(8).hex()
     build = server.queue_build(
         [("test", False, [("check", 'stat -c "%a %n" $HOME/.ssh $HOME/.ssh/id_deploy $HOME/.ssh/config\n'
                                     "cat $HOME/.ssh/config\n"
-                                    "sha256sum $HOME/.ssh/id_deploy")])],
+                                    "sha256sum $HOME/.ssh/id_deploy\n"
+                                    f'test "$TOKEN" = {token}')])],
         keys=[("id_deploy", secret, "Host git.example.com\n  IdentityFile /root/.ssh/id_deploy", "/root/.ssh/id_deploy")],
+        variables=[("TOKEN", base64.b64encode(cipher.encrypt(token.encode())).decode(), True)],
     )
     row = server.wait(build.id)
     assert row["status"] == "passed", row["output"]
@@ -72,6 +92,7 @@ def test_key_is_decrypted_placed_and_never_logged(server, make_worker):
     material = KEY.decode().splitlines()[1]
     everything = row["output"] + "".join(j["output"] or "" for j in server.jobs(build.id)) + worker.log
     assert material not in everything and secret.hex() not in everything
+    assert token not in everything
 
 
 def test_key_with_the_wrong_block_is_a_clear_line(server, make_worker):

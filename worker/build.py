@@ -86,7 +86,7 @@ def inputs_and_outputs(build: Build, config: WorkerConfig) -> dict:
         parts["artifacts"] = FileStore("artifacts", config.artifacts.path, config.artifacts.limit)
     if (build.keys or build.pull or any(v.masked for v in build.variables)) and config.crypto_block:
         from .crypto import BlockCipher
-        parts["cipher"] = BlockCipher(config.crypto_block)
+        parts["cipher"] = BlockCipher(config.cipher_key)
     return parts
 
 

@@ -18,6 +18,7 @@ import redis
 from . import __version__
 from .config import ConfigError, DriverConfig, LogConfig, WorkerConfig, load_drivers, load_worker
 from .daemon import AlreadyRunning, Daemon, PidFile
+from .db import one_line
 from .queue import LeaseHeld
 
 EXIT_CONFIG = 2
@@ -102,7 +103,7 @@ def serve(config: WorkerConfig, drivers: DriverConfig, handler: logging.Handler,
         return Supervisor(config, drivers, on_hangup=hangup,
                           on_ready=daemon.ready if daemon else None).run()
     except psycopg2.OperationalError as exc:
-        problem = f"cannot connect to the database at {config.database.addr}: {str(exc).strip()}"
+        problem = f"cannot connect to the database at {config.database.addr}: {one_line(exc)}"
     except redis.RedisError as exc:
         problem = f"cannot connect to redis at {config.redis.addr}: {exc}"
     except LeaseHeld as exc:

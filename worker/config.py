@@ -142,6 +142,25 @@ class SMTPConfig:
 
 
 @dataclass(frozen=True)
+class DatabaseSSL:
+    """TLS to PostgreSQL, from [database.ssl]: always verify-full, so that
+    the connection is encrypted to the server the CA vouches for under the
+    name in database.addr; cert and key add a client certificate."""
+
+    ca: str
+    cert: str = ""
+    key: str = ""
+
+    @property
+    def params(self) -> dict[str, str]:
+        """libpq's connection parameters."""
+        params = {"sslmode": "verify-full", "sslrootcert": self.ca}
+        if self.cert:
+            params.update(sslcert=self.cert, sslkey=self.key)
+        return params
+
+
+@dataclass(frozen=True)
 class DatabaseConfig:
     addr: str = "localhost:5432"
     name: str = "djinn"
@@ -149,6 +168,8 @@ class DatabaseConfig:
     password: str = ""
     # How long a build process rides out PostgreSQL being away.
     outage: float = 300.0
+    # None: libpq's defaults, as without [database.ssl] before.
+    ssl: DatabaseSSL | None = None
 
     @property
     def address(self) -> Address:
@@ -208,6 +229,18 @@ class WorkerConfig:
     # A worker not heard of for this long is gone: its builds are recovered.
     lease_ttl: float = 30.0
     providers: tuple[ProviderConfig, ...] = ()
+    # With a salt, the AES key is derived from the block (later Djinn servers).
+    crypto_salt: bytes | None = None
+
+    @property
+    def cipher_key(self) -> bytes | None:
+        """The AES key the server sealed keys and masked values with; None
+        without crypto.block."""
+        if self.crypto_block is None or self.crypto_salt is None:
+            return self.crypto_block
+        # Imported here: crypto.py loads pycryptodome, which only builds need.
+        from .crypto import derive_key
+        return derive_key(self.crypto_block, self.crypto_salt)
 
     @property
     def queues(self) -> list[str]:
@@ -411,6 +444,62 @@ def _providers(top: _Table) -> tuple[ProviderConfig, ...]:
     return tuple(providers.values())
 
 
+def _readable(table: _Table, key: str) -> str:
+    """A file setting that names a file the worker can read, checked at start
+    so that a typo is a config error and not a failed connection later."""
+    path = table.string(key)
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise table.error(key, f"{path}: no such file") from None
+    except OSError as exc:
+        raise table.error(key, f"cannot read {path}: {exc.strerror}") from None
+    return path
+
+
+def _database_ssl(database: _Table) -> DatabaseSSL | None:
+    """[database.ssl]: ca alone, or ca, cert and key; nothing set is no TLS,
+    as the original worker reads a table of empty values."""
+    ssl = database.table("ssl", {"ca", "cert", "key"})
+    ca, cert, key = (ssl.string(k) for k in ("ca", "cert", "key"))
+    if cert and not key:
+        raise ssl.error("key", "must be set with cert: the client certificate's private key")
+    if key and not cert:
+        raise ssl.error("cert", "must be set with key: the client certificate")
+    if not ca:
+        if cert:
+            raise ssl.error("ca", "must be set with cert and key: the server's certificate "
+                                  "is verified against it")
+        return None
+    return DatabaseSSL(ca=_readable(ssl, "ca"),
+                       cert=_readable(ssl, "cert") if cert else "",
+                       key=_readable(ssl, "key") if key else "")
+
+
+def _crypto(top: _Table) -> tuple[bytes | None, bytes | None]:
+    """crypto.block and crypto.salt as bytes.
+
+    With a salt the key is derived, always 32 bytes, so the block may be any
+    length; without one the block is the key and must fit AES.
+    """
+    crypto = top.table("crypto", {"block", "salt"})
+    block, salt = crypto.get("block", str), crypto.get("salt", str)
+    if salt is None:
+        if block is not None and len(block.encode()) not in (16, 24, 32):
+            raise crypto.error(
+                "block", "must be 16, 24 or 32 characters long when crypto.salt is not set, "
+                f"got {len(block.encode())}")
+        return (block.encode() if block is not None else None), None
+    if not salt:
+        raise crypto.error("salt", "must not be empty; leave it out to use crypto.block as the key")
+    if block is None:
+        raise crypto.error("salt", "needs crypto.block: the key is derived from the block and the salt")
+    if not block:
+        raise crypto.error("block", "must not be empty: with crypto.salt the key is derived from it")
+    return block.encode(), salt.encode()
+
+
 def load_worker(path: str) -> WorkerConfig:
     """Load worker.toml; raises ConfigError naming the first thing wrong."""
     top = _Table(path, "", _read(path, "-config", "worker config"), {
@@ -422,15 +511,10 @@ def load_worker(path: str) -> WorkerConfig:
     if not queue:
         raise top.error("queue", "must not be empty")
 
-    crypto = top.table("crypto", {"block"})
-    block = crypto.get("block", str)
-    if block is not None and len(block.encode()) not in (16, 24, 32):
-        raise crypto.error(
-            "block", f"must be 16, 24 or 32 characters long, got {len(block.encode())}"
-        )
+    block, salt = _crypto(top)
 
     smtp = top.table("smtp", {"addr", "ca", "admin", "username", "password"})
-    database = top.table("database", {"addr", "name", "username", "password", "outage"})
+    database = top.table("database", {"addr", "name", "username", "password", "outage", "ssl"})
     redis = top.table("redis", {"addr", "password", "db"})
     log = top.table("log", {"level", "file"})
     output_limit = WorkerConfig.output_limit
@@ -445,11 +529,13 @@ def load_worker(path: str) -> WorkerConfig:
         drivers=_drivers(top),
         queue=queue,
         timeout=top.duration("timeout", 30 * 60.0),
-        crypto_block=block.encode() if block is not None else None,
+        crypto_block=block,
+        crypto_salt=salt,
         smtp=SMTPConfig(**{k: smtp.string(k) for k in smtp.data}),
         database=DatabaseConfig(
-            **{k: database.string(k) for k in database.data if k != "outage"},
+            **{k: database.string(k) for k in database.data if k not in ("outage", "ssl")},
             outage=database.duration("outage", DatabaseConfig.outage),
+            ssl=_database_ssl(database),
         ),
         lease_ttl=top.duration("lease_ttl", WorkerConfig.lease_ttl),
         redis=RedisConfig(
@@ -473,6 +559,9 @@ def load_worker(path: str) -> WorkerConfig:
                 server.address
             except ValueError as exc:
                 raise table.error("addr", str(exc)) from None
+    if config.database.ssl and config.database.address.unix:
+        raise database.error("ssl", "libpq never uses TLS over a unix socket: set database.addr "
+                                    "to a host and port")
     return config
 
 

@@ -2,9 +2,11 @@
 
 The server encrypts with Go's ``gcm.Seal(nonce, nonce, plaintext, nil)``, so
 the layout here is the same byte for byte: a 12-byte random nonce, the
-ciphertext, then the 16-byte tag. The key is the ``crypto.block`` setting
-used as raw bytes, whose length picks AES-128, AES-192 or AES-256 exactly as
-Go's ``aes.NewCipher`` does, so one config value works for both workers.
+ciphertext, then the 16-byte tag. Without ``crypto.salt`` the key is the
+``crypto.block`` setting used as raw bytes, whose length picks AES-128,
+AES-192 or AES-256 exactly as Go's ``aes.NewCipher`` does; with it, the key
+is derived from both as later servers derive it (``derive_key``). Either way
+one config works for the server and both workers.
 
 Error messages never carry key bytes or plaintext: they end up in logs and
 build output that other people read.
@@ -12,6 +14,7 @@ build output that other people read.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 from Crypto.Cipher import AES
@@ -19,6 +22,18 @@ from Crypto.Cipher import AES
 KEY_SIZES = (16, 24, 32)
 NONCE_SIZE = 12
 TAG_SIZE = 16
+# The derivation of Djinn servers from late 2020 on: fixed there, so fixed here.
+SALT_ITERATIONS = 4096
+DERIVED_KEY_SIZE = 32
+
+
+def derive_key(block: bytes, salt: bytes) -> bytes:
+    """The AES-256 key a server with ``crypto.salt`` seals with.
+
+    PBKDF2-HMAC-SHA256 of the block with the salt: the same bytes the server
+    derives from the same two settings, so what it sealed opens here.
+    """
+    return hashlib.pbkdf2_hmac("sha256", block, salt, SALT_ITERATIONS, DERIVED_KEY_SIZE)
 
 
 class CryptoError(Exception):

@@ -35,14 +35,32 @@ class BuildRowError(Exception):
 
 
 def connect(config: DatabaseConfig, application: str = "djinn-worker") -> Connection:
+    """Every connection the worker makes, so that each one (supervisor, build
+    process, spare, mail) goes over the same TLS."""
     address = config.address
     conn = psycopg2.connect(
         host=address.host, port=address.port, dbname=config.name, user=config.username,
         password=config.password, connect_timeout=10, application_name=application,
-        client_encoding="UTF8",
+        client_encoding="UTF8", **(config.ssl.params if config.ssl else {}),
     )
     conn.autocommit = True
     return conn
+
+
+def one_line(exc: Exception) -> str:
+    """libpq's message as one line for the log and a daemon's start report.
+
+    libpq writes a line per address tried and indents its hints under them;
+    an indented line that starts in lower case wraps the sentence above it.
+    """
+    parts: list[str] = []
+    for line in str(exc).splitlines():
+        text = line.strip()
+        if text and parts and line[0].isspace() and text[0].islower():
+            parts[-1] += " " + text
+        elif text:
+            parts.append(text)
+    return "; ".join(parts) or type(exc).__name__
 
 
 class ClaimRefused(Exception):
@@ -427,7 +445,7 @@ class Session:
     def _reconnect(self, exc: Exception) -> None:
         build_id = self.claimed.build_id
         log.error("build %s: database at %s: %s; reconnecting for up to %gs", build_id,
-                  self.config.addr, str(exc).strip() or type(exc).__name__, self.outage)
+                  self.config.addr, one_line(exc), self.outage)
         self.close()
         deadline, delay = time.monotonic() + self.outage, 0.1
         while True:

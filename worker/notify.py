@@ -57,7 +57,7 @@ def commit_status(config: WorkerConfig, payload: Payload, status: str) -> None:
             build = db.load_build(conn, payload.build_id)
         finally:
             conn.close()
-        cipher = BlockCipher(config.crypto_block) if config.crypto_block else None
+        cipher = BlockCipher(config.cipher_key) if config.crypto_block else None
         target = statuses.target(build, payload.host, config.providers, cipher)
     except Exception as exc:
         log.error("build %s: no commit status set: %s", payload.build_id, str(exc).strip())
