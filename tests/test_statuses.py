@@ -10,7 +10,7 @@ import psycopg2
 import pytest
 
 from codehost import CodeHost
-from djinn_worker.crypto import BlockCipher
+from djinn_worker.crypto import BlockCipher, derive_key
 
 BLOCK = "0123456789abcdef0123456789abcdef"
 TOKEN = "gho_16C7e42F292c6912E7710c838347Ae178B4a"
@@ -25,9 +25,9 @@ def codehost():
         yield host
 
 
-def start(make_worker, codehost, timeout: str = "60s"):
+def start(make_worker, codehost, timeout: str = "60s", salt: str | None = None):
     return make_worker({
-        "crypto": {"block": BLOCK},
+        "crypto": {"block": BLOCK, **({"salt": salt} if salt else {})},
         "timeout": timeout,
         "providers": [{"name": "github", "endpoint": codehost.github, "secret": "s",
                        "client_id": "id", "client_secret": "cs"},
@@ -36,7 +36,7 @@ def start(make_worker, codehost, timeout: str = "60s"):
 
 
 def pull_request(server, provider: str, commands: str, token: str = TOKEN,
-                 trigger: str = "pull", can_fail: bool = False):
+                 trigger: str = "pull", can_fail: bool = False, key: bytes = BLOCK.encode()):
     """A queued build of a pull request, with the rows the Djinn server writes for one.
 
     Its job first sleeps a second: a status still waiting when a newer one
@@ -44,7 +44,7 @@ def pull_request(server, provider: str, commands: str, token: str = TOKEN,
     """
     user = server.user()
     build = server.insert([("test", can_fail, [("test", f"sleep 1\n{commands}")])], user_id=user)
-    sealed = BlockCipher(BLOCK.encode()).encrypt(token.encode())
+    sealed = BlockCipher(key).encrypt(token.encode())
     with server.conn:
         provider_id = server.sql(
             "INSERT INTO providers (user_id, name, access_token, connected) "
@@ -180,4 +180,13 @@ def test_build_whose_process_died_gets_its_final_status(server, make_worker, cod
     build = pull_request(server, "github", "kill -9 $PPID")
     assert server.wait(build.id)["status"] == "failed"
     assert [r.body["state"] for r in codehost.answered(2)] == ["pending", "failure"]
+    assert TOKEN not in worker.log
+
+
+def test_token_sealed_with_a_salted_key(server, make_worker, codehost):
+    """Later servers seal with the key derived from crypto.block and crypto.salt."""
+    worker = start(make_worker, codehost, salt="pepper")
+    build = pull_request(server, "gitlab", "true", key=derive_key(BLOCK.encode(), b"pepper"))
+    assert server.wait(build.id)["status"] == "passed"
+    assert [r.body["state"] for r in codehost.answered(2)] == ["running", "success"]
     assert TOKEN not in worker.log
