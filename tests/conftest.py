@@ -109,3 +109,19 @@ def make_worker(tmp_path, postgres, redis_server, server, schema):
     workers = Workers(tmp_path, postgres.addr, f"djinn_{schema}", redis_server.addr, server.queue)
     yield workers.start
     workers.kill_all()
+
+
+@pytest.fixture
+def private(tmp_path):
+    """(server, workers) on a PostgreSQL and a Redis of this test's own."""
+    pg, rds = Postgres().start(), Redis().start()
+    pg.create_database("djinn", DIST_SCHEMA)
+    server = Server(pg.connect("djinn"), rds.client(), queue=f"builds-{uuid.uuid4().hex[:8]}")
+    workers = Workers(tmp_path, pg.addr, "djinn", rds.addr, server.queue)
+    server.pg, server.rds = pg, rds
+    try:
+        yield server, workers
+    finally:
+        workers.kill_all()
+        rds.stop()
+        pg.stop()

@@ -92,6 +92,9 @@ def assert_config_error(result, file: str, *words: str) -> None:
      ["providers[1].name", "github is listed twice"]),
     ('[[providers]]\nname = "github"\nclient_id = 12', ["providers[0].client_id", "string"]),
     ('providers = "github"', ["providers", "array of tables"]),
+    ('[log]\nformat = "xml"', ["log.format", "text, json", "'xml'"]),
+    ('[metrics]\naddr = "0.0.0.0:http"', ["metrics.addr", "port must be a number"]),
+    ('[metrics]\nport = 9252', ["metrics.port", "unknown key"]),
 ])
 def test_worker_config_errors(tmp_path, worker, words):
     assert_config_error(run(tmp_path, worker), str(tmp_path / "worker.toml"), *words)

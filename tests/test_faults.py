@@ -1,7 +1,7 @@
 """Faults of the servers and hosts around the worker, for real: PostgreSQL and
 Redis stopped and restarted, kills at the worst moment, workers lost with
-their builds. Each test has PostgreSQL and Redis of its own, so restarting
-them disturbs no other test."""
+their builds. Each test has PostgreSQL and Redis of its own (the `private`
+fixture), so restarting them disturbs no other test."""
 
 from __future__ import annotations
 
@@ -9,30 +9,9 @@ import os
 import re
 import signal
 import time
-import uuid
 from datetime import datetime, timezone
 
-import pytest
-
-from conftest import Workers
 from djinn import Server, marker, processes_with
-from services import DIST_SCHEMA, Postgres, Redis
-
-
-@pytest.fixture
-def private(tmp_path):
-    """(server, workers) on a PostgreSQL and a Redis of this test's own."""
-    pg, rds = Postgres().start(), Redis().start()
-    pg.create_database("djinn", DIST_SCHEMA)
-    server = Server(pg.connect("djinn"), rds.client(), queue=f"builds-{uuid.uuid4().hex[:8]}")
-    workers = Workers(tmp_path, pg.addr, "djinn", rds.addr, server.queue)
-    server.pg, server.rds = pg, rds
-    try:
-        yield server, workers
-    finally:
-        workers.kill_all()
-        rds.stop()
-        pg.stop()
 
 
 def reconnect(server: Server) -> None:

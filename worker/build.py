@@ -15,7 +15,10 @@ import ctypes
 import logging
 import os
 import signal
+import time
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 from setproctitle import setproctitle
 
@@ -27,7 +30,7 @@ from . import report
 from .report import ReportWriter
 from .reporter import DatabaseReporter
 from .runner import DriverNotEnabled, Runner
-from . import db, statuses
+from . import db, logs, statuses
 from djinn_worker import drivers as driver_types
 from djinn_worker.drivers.base import Driver
 from djinn_worker.stores.file import FileStore, StoreError
@@ -101,7 +104,7 @@ def run(payload: Payload, claimed: db.Claimed, config: WorkerConfig, drivers: Dr
     signal.signal(signal.SIGTERM, lambda *_: cancel.cancel(KILLED))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    session = db.Session(config.database, claimed, config.database.outage)
+    session = db.Session(config.database, claimed, config.database.outage, pipe.database)
     timer = BuildTimer(config.timeout, cancel)
     try:
         session.open(conn)
@@ -112,15 +115,17 @@ def run(payload: Payload, claimed: db.Claimed, config: WorkerConfig, drivers: Dr
             session.call(db.abandon_build, payload.build_id, FAILED, f"{exc}\n{done_line(FAILED)}")
             return Outcome(payload.build_id, FAILED, str(exc))
         setproctitle(f"djinn-worker: build {build.id} ({build.driver_type})")
+        logs.set_build(build.id, build.driver_type)
         parts = inputs_and_outputs(build, config)
-        commit = statuses.start(build, payload.host, config.providers, parts.get("cipher"))
+        commit = statuses.start(build, payload.host, config.providers, parts.get("cipher"),
+                                on_failure=lambda: pipe.notice_failed(report.COMMIT_STATUS))
         runner = Runner(
             build,
             make_driver=lambda: session.call(
                 lambda conn: make_driver(build, config, drivers, pipe, conn)),
-            reporter=DatabaseReporter(session, build, config.output_limit),
+            reporter=DatabaseReporter(session, build, config.output_limit, pipe.output),
             cancel=cancel,
-            creating=timer.creating,
+            creating=lambda: _timed(timer.creating(), pipe.created),
             **parts,
         )
         try:
@@ -132,6 +137,17 @@ def run(payload: Payload, claimed: db.Claimed, config: WorkerConfig, drivers: Dr
     finally:
         timer.stop()
         session.close()
+
+
+@contextmanager
+def _timed(context: AbstractContextManager, seconds: Callable[[float], None]) -> Iterator[None]:
+    """context, telling seconds() how long it took, however it ended."""
+    start = time.monotonic()
+    try:
+        with context:
+            yield
+    finally:
+        seconds(time.monotonic() - start)
 
 
 def _return_big_buffers() -> None:
@@ -183,6 +199,7 @@ def main(payload: Payload, claimed: db.Claimed, config: WorkerConfig, drivers: D
         os.setsid()
     _return_big_buffers()
     setproctitle(f"djinn-worker: build {payload.build_id}")
+    logs.set_build(payload.build_id)
     pipe = ReportWriter(report_fd)
     try:
         outcome = run(payload, claimed, config, drivers, pipe, conn)
@@ -201,5 +218,6 @@ def main(payload: Payload, claimed: db.Claimed, config: WorkerConfig, drivers: D
         outcome.statuses.finish(outcome.status)
     if config.smtp.enabled and outcome.status in MAILED:
         from .notify import notify  # only builds that mail pay for the mail stack
-        notify(config, payload, outcome.status)
+        if not notify(config, payload, outcome.status):
+            pipe.notice_failed(report.MAIL)
     return 0

@@ -15,8 +15,8 @@ import sys
 import psycopg2
 import redis
 
-from . import __version__
-from .config import ConfigError, DriverConfig, LogConfig, WorkerConfig, load_drivers, load_worker
+from . import __version__, logs, metrics
+from .config import ConfigError, DriverConfig, WorkerConfig, load_drivers, load_worker
 from .daemon import AlreadyRunning, Daemon, PidFile
 from .db import one_line
 from .queue import LeaseHeld
@@ -25,8 +25,6 @@ EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 1
 EXIT_RUNNING = 3
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "error": logging.ERROR}
-_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(message)s"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,39 +64,12 @@ def load(args: argparse.Namespace) -> tuple[WorkerConfig, DriverConfig]:
     return config, drivers
 
 
-def setup_logging(config: LogConfig) -> logging.Handler:
-    if config.file == "/dev/stdout":
-        handler: logging.Handler = logging.StreamHandler(sys.stdout)
-    else:
-        handler = logging.FileHandler(config.file)
-    handler.setFormatter(logging.Formatter(_FORMAT))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(_LEVELS[config.level])
-    # redis-py reports its own feature probing at debug level; that is not
-    # the worker's news.
-    logging.getLogger("redis").setLevel(max(_LEVELS[config.level], logging.INFO))
-    return handler
-
-
-def reopen_log(handler: logging.FileHandler) -> None:
-    """Write to a fresh file at log.file (on SIGHUP, after logrotate renamed it)."""
-    try:
-        stream = open(handler.baseFilename, "a", encoding=handler.encoding)
-    except OSError as exc:
-        logging.error("cannot reopen the log file %s: %s; still writing to the old one",
-                      handler.baseFilename, exc.strerror)
-        return
-    handler.setStream(stream).close()
-    logging.info("log file reopened")
-
-
 def serve(config: WorkerConfig, drivers: DriverConfig, handler: logging.Handler,
           daemon: Daemon | None) -> int:
     """Run the supervisor; a start-up failure is logged and, for a daemon, told to its starter."""
     from .supervisor import Supervisor
 
-    hangup = functools.partial(reopen_log, handler) if isinstance(handler, logging.FileHandler) else None
+    hangup = functools.partial(logs.reopen, handler) if isinstance(handler, logging.FileHandler) else None
     try:
         return Supervisor(config, drivers, on_hangup=hangup,
                           on_ready=daemon.ready if daemon else None).run()
@@ -106,6 +77,8 @@ def serve(config: WorkerConfig, drivers: DriverConfig, handler: logging.Handler,
         problem = f"cannot connect to the database at {config.database.addr}: {one_line(exc)}"
     except redis.RedisError as exc:
         problem = f"cannot connect to redis at {config.redis.addr}: {exc}"
+    except metrics.Unavailable as exc:
+        problem = str(exc)
     except LeaseHeld as exc:
         logging.error("%s", exc)
         if daemon:
@@ -142,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config, drivers = load(args)
-        handler = setup_logging(config.log)
+        handler = logs.setup(config.log)
     except ConfigError as exc:
         print(f"djinn-worker: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -26,6 +26,8 @@ LOG_LEVELS = ("debug", "info", "error")
 STORE_TYPES = ("file",)
 QEMU_ACCELS = ("auto", "kvm", "tcg")
 POSTGRES_PORT, REDIS_PORT, SMTP_PORT = 5432, 6379, 25
+METRICS_PORT = 9252  # GitLab Runner's, which operators' scrape configs know
+LOG_FORMATS = ("text", "json")
 
 # Go's machine names for the host, as the original worker's qemu-<arch> uses.
 _HOST_ARCH = {"amd64": "x86_64", "arm64": "aarch64"}
@@ -207,6 +209,22 @@ class ProviderConfig:
 class LogConfig:
     level: str = "info"
     file: str = "/dev/stdout"
+    format: str = "text"  # or "json": one object per line, for log shippers
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Where /metrics and /healthz are served; nothing is served without addr."""
+
+    addr: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.addr)
+
+    @property
+    def address(self) -> Address:
+        return parse_addr(self.addr, METRICS_PORT)
 
 
 @dataclass(frozen=True)
@@ -229,6 +247,7 @@ class WorkerConfig:
     # A worker not heard of for this long is gone: its builds are recovered.
     lease_ttl: float = 30.0
     providers: tuple[ProviderConfig, ...] = ()
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # With a salt, the AES key is derived from the block (later Djinn servers).
     crypto_salt: bytes | None = None
 
@@ -505,7 +524,7 @@ def load_worker(path: str) -> WorkerConfig:
     top = _Table(path, "", _read(path, "-config", "worker config"), {
         "parallelism", "driver", "queue", "timeout", "crypto", "smtp",
         "database", "redis", "images", "artifacts", "objects", "log", "output_limit",
-        "lease_ttl", "providers",
+        "lease_ttl", "providers", "metrics",
     })
     queue = top.string("queue", "builds")
     if not queue:
@@ -516,7 +535,8 @@ def load_worker(path: str) -> WorkerConfig:
     smtp = top.table("smtp", {"addr", "ca", "admin", "username", "password"})
     database = top.table("database", {"addr", "name", "username", "password", "outage", "ssl"})
     redis = top.table("redis", {"addr", "password", "db"})
-    log = top.table("log", {"level", "file"})
+    log = top.table("log", {"level", "file", "format"})
+    metrics = top.table("metrics", {"addr"})
     output_limit = WorkerConfig.output_limit
     if "output_limit" in top.data:
         try:
@@ -549,12 +569,15 @@ def load_worker(path: str) -> WorkerConfig:
         log=LogConfig(
             level=log.choice("level", LOG_LEVELS, "info"),
             file=log.string("file", "/dev/stdout") or "/dev/stdout",
+            format=log.choice("format", LOG_FORMATS, "text"),
         ),
+        metrics=MetricsConfig(addr=metrics.string("addr")),
         output_limit=output_limit,
         providers=_providers(top),
     )
-    for table, server in ((database, config.database), (redis, config.redis), (smtp, config.smtp)):
-        if table is not smtp or server.enabled:
+    for table, server in ((database, config.database), (redis, config.redis), (smtp, config.smtp),
+                          (metrics, config.metrics)):
+        if table not in (smtp, metrics) or server.enabled:
             try:
                 server.address
             except ValueError as exc:

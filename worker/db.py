@@ -63,6 +63,12 @@ def one_line(exc: Exception) -> str:
     return "; ".join(parts) or type(exc).__name__
 
 
+def ping(conn: Connection) -> None:
+    """Ask the server for nothing: it is there and answering."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")
+
+
 class ClaimRefused(Exception):
     """The build cannot be claimed; the message says why."""
 
@@ -75,6 +81,9 @@ class Claimed:
     build_id: int
     secret: str | None
     started_at: datetime
+    # For the supervisor's metrics: the build's driver and its time in the queue.
+    driver: str = ""
+    waited: float = 0.0
 
 
 def claim(conn: Connection, build_id: int) -> Claimed:
@@ -86,12 +95,14 @@ def claim(conn: Connection, build_id: int) -> Claimed:
     with conn.cursor() as cur:
         cur.execute(
             "UPDATE builds SET status = 'running', started_at = clock_timestamp() "
-            "WHERE id = %s AND status = 'queued' RETURNING secret, started_at",
+            "WHERE id = %s AND status = 'queued' RETURNING secret, started_at, "
+            "(SELECT type FROM build_drivers WHERE build_id = builds.id ORDER BY id LIMIT 1), "
+            "EXTRACT(EPOCH FROM started_at - created_at)",
             (build_id,),
         )
         row = cur.fetchone()
         if row:
-            return Claimed(build_id, row[0], row[1])
+            return Claimed(build_id, row[0], row[1], row[2] or "", max(float(row[3] or 0), 0.0))
         cur.execute("SELECT status FROM builds WHERE id = %s", (build_id,))
         row = cur.fetchone()
     raise ClaimRefused("no such build" if row is None else f"the build is already {row[0]}")
@@ -419,8 +430,11 @@ class Session:
     build's threads; one of them reconnects while the others wait.
     """
 
-    def __init__(self, config: DatabaseConfig, claimed: Claimed, outage: float):
+    def __init__(self, config: DatabaseConfig, claimed: Claimed, outage: float,
+                 on_event: Callable[[str], None] = lambda event: None):
         self.config, self.claimed, self.outage = config, claimed, outage
+        # Told "error" when the connection is lost, "reconnect" once it is back.
+        self.on_event = on_event
         self.conn: Connection | None = None
         self._lock = threading.RLock()
         self._stopped: StopBuild | None = None
@@ -444,6 +458,7 @@ class Session:
 
     def _reconnect(self, exc: Exception) -> None:
         build_id = self.claimed.build_id
+        self.on_event("error")
         log.error("build %s: database at %s: %s; reconnecting for up to %gs", build_id,
                   self.config.addr, one_line(exc), self.outage)
         self.close()
@@ -465,6 +480,7 @@ class Session:
                 self._stop(LostBuild(f"build {build_id}: another worker took the build over "
                                      "while the database was away"))
             log.info("build %s: database back; carrying on", build_id)
+            self.on_event("reconnect")
             return
 
     def _stop(self, reason: StopBuild) -> None:

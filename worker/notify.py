@@ -22,15 +22,15 @@ log = logging.getLogger(__name__)
 MAIL_TIMEOUT = 30.0
 
 
-def notify(config: WorkerConfig, payload: Payload, status: str) -> None:
+def notify(config: WorkerConfig, payload: Payload, status: str) -> bool:
     """Mail the people of a build that did not pass; never changes its outcome.
 
     Runs after the final status is committed and reported, on a connection
     of its own, so a slow or absent mail server delays nothing but the
-    calling process's exit.
+    calling process's exit. False if a mail was due and not sent.
     """
     if not config.smtp.enabled or status not in MAILED:
-        return
+        return True
     try:
         conn = db.connect(config.database, application="djinn-worker mail")
         try:
@@ -45,6 +45,8 @@ def notify(config: WorkerConfig, payload: Payload, status: str) -> None:
         log.exception("build %s: no failure mail sent: %s", payload.build_id, exc)
     else:
         log.info("build %s: failure mail sent to %s", payload.build_id, ", ".join(notice.recipients))
+        return True
+    return False
 
 
 def commit_status(config: WorkerConfig, payload: Payload, status: str) -> None:

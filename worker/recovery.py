@@ -25,10 +25,11 @@ log = logging.getLogger(__name__)
 
 class Recovery:
     def __init__(self, client: redis.Redis, identity: str, default_queue: str,
-                 database: Callable[[Callable], object], mail: Callable[[Claim, str], None]):
+                 database: Callable[[Callable], object], settled: Callable[[Claim, str], None]):
         # database(work) runs work(conn) on the supervisor's connection.
         self.client, self.identity, self.default_queue = client, identity, default_queue
-        self.database, self.mail = database, mail
+        # Told each orphan put back to run again ("requeued") or failed.
+        self.database, self.settled = database, settled
 
     def run(self, running: set[int]) -> None:
         """One pass over every identity's record; RedisError or psycopg2.Error
@@ -61,9 +62,10 @@ class Recovery:
             return
         if outcome == "requeued":
             log.error("build %d: orphaned by %s; put back on %s to run again", build_id, who, queue)
+            self.settled(claim, outcome)
         elif outcome == FAILED:
             log.error("build %d: orphaned a second time by %s; marked failed", build_id, who)
-            self.mail(claim, FAILED)
+            self.settled(claim, outcome)
         if outcome != "finished" and claim.boot == boot_id():  # its files are on this host
             remove_paths(build_id, record.paths(build_id))
         record.remove(build_id)

@@ -21,6 +21,13 @@ from .queue import Payload
 PROCESS_GROUP = "process_group"  # {"pgid": int}: a job's process group
 PATH = "path"  # {"path": str}: a file or directory to remove
 RESULT = "result"  # {"build_id", "status" (None if the process failed), "error", "stop"}
+# What only the build process knows, for the supervisor's metrics.
+CREATED = "created"  # {"seconds": float}: the driver took this long to create
+OUTPUT = "output"  # {"stored": int, "dropped": int}: a finished job's output bytes
+NOTICE_FAILED = "notice_failed"  # {"notice": COMMIT_STATUS | MAIL}
+COMMIT_STATUS, MAIL = "commit_status", "mail"
+DATABASE = "database"  # {"event": "error" | "reconnect"}: the build's own connection
+FIGURES = (CREATED, OUTPUT, NOTICE_FAILED, DATABASE)
 UNREADABLE = "unreadable"  # made by the reader for a line it cannot decode
 
 # Why a build process stopped without settling its build (RESULT's "stop").
@@ -54,6 +61,18 @@ class ReportWriter:
 
     def path(self, path: str) -> None:
         self.send(PATH, path=path)
+
+    def created(self, seconds: float) -> None:
+        self.send(CREATED, seconds=seconds)
+
+    def output(self, stored: int, dropped: int) -> None:
+        self.send(OUTPUT, stored=stored, dropped=dropped)
+
+    def notice_failed(self, notice: str) -> None:
+        self.send(NOTICE_FAILED, notice=notice)
+
+    def database(self, event: str) -> None:
+        self.send(DATABASE, event=event)
 
     def result(self, build_id: int, status: str | None, error: str = "",
                stop: str | None = None) -> None:

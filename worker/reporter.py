@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 from . import db
 from .model import Artifact, Build, Job, Object, Stage
@@ -81,8 +82,11 @@ class _Column:
 
 
 class DatabaseReporter:
-    def __init__(self, session: db.Session, build: Build, limit: int):
+    def __init__(self, session: db.Session, build: Build, limit: int,
+                 on_job_output: Callable[[int, int], None] = lambda stored, dropped: None):
         self.session, self.build, self.limit = session, build, limit
+        # Told each finished job's bytes of output stored and left out.
+        self.on_job_output = on_job_output
         self._build = _Column(limit, "builds", build.id)
         self._job: _Column | None = None
         self._cond = threading.Condition()
@@ -175,6 +179,11 @@ class DatabaseReporter:
 
     def job_finished(self, job: Job, status: str) -> None:
         self._flush(final=True, then=self._statuses(db.finish_job(job.id, status)))
+        with self._cond:
+            column = self._job if self._job is not None and self._job.row_id == job.id else None
+        if column is not None:
+            dropped = column.log.left_out
+            self.on_job_output(column.log.total - dropped, dropped)
 
     def stage_started(self, stage: Stage) -> None:
         self._queued.append(db.start_stage(stage.id))

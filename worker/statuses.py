@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from .config import ProviderConfig
 from .model import FAILED, KILLED, PASSED, PASSED_WITH_FAILURES, RUNNING, TIMED_OUT, Build
@@ -102,8 +102,8 @@ def target(build: Build, host: str, providers: tuple[ProviderConfig, ...], ciphe
 class Statuses:
     """One build's statuses, sent in order by a thread of their own."""
 
-    def __init__(self, target: Target):
-        self.target = target
+    def __init__(self, target: Target, on_failure: Callable[[], None] = lambda: None):
+        self.target, self.on_failure = target, on_failure
         self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._send_all, name="statuses", daemon=True)
         self._thread.start()
@@ -159,6 +159,7 @@ class Statuses:
         why = why.replace(self.target.token, "xxxxxx") if self.target.token else why
         log.error("build %s: %s not set to %s: %s", self.target.build_id, self.target.where(),
                   state, why)
+        self.on_failure()
 
 
 def _message(response) -> str:
@@ -174,11 +175,12 @@ def _message(response) -> str:
     return str(data)[:200]
 
 
-def start(build: Build, host: str, providers: tuple[ProviderConfig, ...], cipher) -> Statuses | None:
+def start(build: Build, host: str, providers: tuple[ProviderConfig, ...], cipher,
+          on_failure: Callable[[], None] = lambda: None) -> Statuses | None:
     """The build's statuses with "running" on its way, or None without a pull request."""
     where = target(build, host, providers, cipher)
     if where is None:
         return None
-    statuses = Statuses(where)
+    statuses = Statuses(where, on_failure)
     statuses.send(RUNNING)
     return statuses

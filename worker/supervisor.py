@@ -28,9 +28,10 @@ from setproctitle import setproctitle
 
 from . import __version__, build, db, report
 from .backoff import Outage
+from .metrics import POSTGRESQL, REDIS, Health, Metrics, serve
 from .config import DriverConfig, WorkerConfig
 from .model import FAILED, TIMED_OUT, done_line
-from .queue import Claims, KillChannel, Lease, Payload, PayloadError, Popper, parse_payload
+from .queue import Claim, Claims, KillChannel, Lease, Payload, PayloadError, Popper, parse_payload
 from .recovery import Recovery, remove_paths
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Child:
     claimed: db.Claimed
     deadline: float
     result: dict | None = None
+    started: float = field(default_factory=time.monotonic)
     pgids: list[int] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     backstopped: bool = False
@@ -97,10 +99,13 @@ class Supervisor:
         self.claims = Claims(client, config.identity)
         self.lease = Lease(client, config.identity, config.lease_ttl)
         self.kills = KillChannel(config.redis)
-        self.recovery = Recovery(client, config.identity, config.queue, self._db,
-                                 lambda claim, status: self._notify_in_background(claim.payload, status))
-        self.database = Outage(f"the database at {config.database.addr}")
-        self.redis = Outage(f"redis at {config.redis.addr}")
+        self.recovery = Recovery(client, config.identity, config.queue, self._db, self._recovered)
+        self.metrics = Metrics(config.metrics.enabled)
+        # Healthy: both servers answered within two ticks, and the loop turned.
+        self.health = Health(2 * self._tick_interval(), self.metrics)
+        self.http = None  # serving /metrics and /healthz, with [metrics]
+        self.database = Outage(f"the database at {config.database.addr}", POSTGRESQL, self.health)
+        self.redis = Outage(f"redis at {config.redis.addr}", REDIS, self.health)
         # Payloads popped but neither claimed nor put back while a server was away.
         self.unclaimed: list[tuple[str, bytes]] = []
         self.pop_at = 0.0  # popping waits for an outage's backoff
@@ -121,6 +126,7 @@ class Supervisor:
         Raises LeaseHeld while another live worker has this identity.
         """
         self._install_signals()
+        self.metrics.slots.set(self.config.slots)
         self._title()
         self._connection()
         self.popper.client.ping()
@@ -137,6 +143,8 @@ class Supervisor:
             ", ".join(self.config.queues), ", ".join(self.config.drivers), self.config.slots,
             self.config.timeout,
         )
+        if self.config.metrics.enabled:
+            self.http = serve(self.config.metrics.address, self.metrics, self.health)
         if self.on_ready:
             self.on_ready()
         # What every build process shares is made before any fork and kept
@@ -144,6 +152,7 @@ class Supervisor:
         gc.collect()
         gc.freeze()
         while not (self.stopping and not self.children and not self.popper.pending):
+            self.health.turned()
             self._make_spare()
             self._pop_if_free()
             self._watch_kills()
@@ -154,6 +163,9 @@ class Supervisor:
             if time.monotonic() >= self.tick_at:
                 self._tick()
         self._close()
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
         log.info("djinn-worker stopped")
         return 0
 
@@ -237,18 +249,32 @@ class Supervisor:
         return self.conn
 
     def _tick(self) -> None:
-        """Refresh the lease and settle the builds of workers that are gone."""
-        self.tick_at = time.monotonic() + self.config.lease_ttl / 3
+        """Refresh the lease, hear from PostgreSQL even when no build comes
+        (for /healthz), and settle the builds of workers that are gone."""
+        self.tick_at = time.monotonic() + self._tick_interval()
+        try:
+            self._db(db.ping)
+        except psycopg2.Error as exc:
+            self.database.failed(exc, "orphaned builds are settled once it is back")
         try:
             if not self.lease.refresh():
                 log.error("the lease of %s had expired and was taken meanwhile",
                           self.config.identity)
+            self.health.leased()
             self.redis.ok()
             self.recovery.run({c.build_id for c in self.children.values()})
         except redis.RedisError as exc:
             self.redis.failed(exc, "the lease is not refreshed")
         except psycopg2.Error as exc:
             self.database.failed(exc, "orphaned builds are settled once it is back")
+
+    def _tick_interval(self) -> float:
+        return self.config.lease_ttl / 3
+
+    def _recovered(self, claim: Claim, outcome: str) -> None:
+        self.metrics.orphans.labels(outcome).inc()
+        if outcome == FAILED:
+            self._notify_in_background(claim.payload, outcome)
 
     # -- popping ----------------------------------------------------------
 
@@ -303,6 +329,7 @@ class Supervisor:
             payload = parse_payload(raw)
         except PayloadError as exc:
             log.error("dropped payload %r from %s: %s", raw[:200], queue, exc)
+            self.metrics.payloads_dropped.labels("unreadable").inc()
             return
         # Subscribed before the claim: a kill sent as the build turns running
         # has a listener. With Redis away it is subscribed when Redis is back.
@@ -312,6 +339,7 @@ class Supervisor:
         except db.ClaimRefused as exc:
             self._kills(lambda: self.kills.unsubscribe(payload.build_id))
             log.error("dropped build %d from %s: %s", payload.build_id, queue, exc)
+            self.metrics.payloads_dropped.labels("not_queued").inc()
             return
         except psycopg2.Error as exc:
             self._kills(lambda: self.kills.unsubscribe(payload.build_id))
@@ -323,6 +351,8 @@ class Supervisor:
             self.claims.add(payload, queue)
         except redis.RedisError as exc:
             log.error("build %d: not noted for recovery after a crash: %s", payload.build_id, exc)
+        self.metrics.started.labels(claimed.driver).inc()
+        self.metrics.queue_wait.observe(claimed.waited)
         self._start(payload, claimed)
 
     def _put_back(self, queue: str, raw: bytes) -> None:
@@ -374,6 +404,7 @@ class Supervisor:
             child = running.get(build_id)
             if child and child.claimed.secret and data.decode(errors="replace") == child.claimed.secret:
                 log.info("build %d: kill requested", build_id)
+                self.metrics.kills.inc()
                 _signal(child.pid, signal.SIGTERM)
             else:
                 log.info("build %d: ignored a kill message that is not the build's secret", build_id)
@@ -459,6 +490,8 @@ class Supervisor:
         for sig in _SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         fds = [self._wake_r, self._wake_w, self.popper.fileno(), self.kills.fileno()]
+        if self.http is not None:
+            fds.append(self.http.fileno())
         fds += [c.reader.fd for c in self.children.values() if c.reader]
         if self.spare is not None:
             fds += [self.spare.command_fd, self.spare.report_fd]
@@ -486,7 +519,11 @@ class Supervisor:
                           child.build_id, child.paths[-1], exc)
         elif message.kind == report.RESULT:
             child.result = message.data
+            if child.result.get("status"):
+                self._count_finished(child, child.result["status"])
             self._title()
+        elif message.kind in report.FIGURES:
+            self._count(child, message)
         else:
             log.error("build %d: unreadable report %r", child.build_id, message.data)
 
@@ -556,6 +593,7 @@ class Supervisor:
                                  "once it is back")
             return False
         log.error("build %d: %s; marked %s", child.build_id, how, final)
+        self._count_finished(child, final)
         self._notify_in_background(child.payload, final)
         return True
 
@@ -625,6 +663,26 @@ class Supervisor:
                           child.build_id, child.pid)
                 self._kill_groups(child)
 
+    def _count(self, child: Child, message: report.Message) -> None:
+        """What only the build process knows, counted for /metrics."""
+        metrics, driver, data = self.metrics, child.claimed.driver, message.data
+        if message.kind == report.CREATED:
+            metrics.create.labels(driver).observe(float(data["seconds"]))
+        elif message.kind == report.OUTPUT:
+            metrics.output_stored.labels(driver).inc(int(data["stored"]))
+            metrics.output_dropped.labels(driver).inc(int(data["dropped"]))
+        elif message.kind == report.NOTICE_FAILED:
+            metrics.notices_failed.labels(str(data["notice"])).inc()
+        elif data.get("event") == "reconnect":
+            metrics.reconnects.labels(POSTGRESQL).inc()
+        else:
+            metrics.errors.labels(POSTGRESQL).inc()
+
+    def _count_finished(self, child: Child, status: str) -> None:
+        driver = child.claimed.driver
+        self.metrics.finished.labels(driver, status).inc()
+        self.metrics.duration.labels(driver, status).observe(time.monotonic() - child.started)
+
     def _running(self) -> int:
         """Builds that hold a slot: a process that has reported its result
         only sends notices (commit status, mail) before it exits."""
@@ -632,8 +690,10 @@ class Supervisor:
 
     def _title(self) -> None:
         """What ps shows for the supervisor: its queue and how busy it is."""
+        running = self._running()
+        self.metrics.running.set(running)
         setproctitle(f"djinn-worker: supervisor ({self.config.queue}, "
-                     f"{self._running()}/{self.config.slots} running)")
+                     f"{running}/{self.config.slots} running)")
 
     def _wait_time(self) -> float:
         times = [c.deadline for c in self.children.values()
