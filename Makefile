@@ -21,7 +21,7 @@ bench:
 	$(VENV)/bin/python bench/compare.py
 
 # `make install` puts the worker in a virtualenv of its own and links the
-# command into $(PREFIX)/bin. The virtualenv is made at its final path:
+# commands (djinn-worker, and djinn, the offline runner) into $(PREFIX)/bin. The virtualenv is made at its final path:
 # with DESTDIR its scripts name the DESTDIR tree, so a DESTDIR install runs
 # where it was made but cannot be moved (install again without DESTDIR).
 # Existing configs are kept; `make uninstall` keeps configs, stores and logs.
@@ -43,6 +43,7 @@ install:
 	"$(DESTDIR)$(LIBDIR)/bin/pip" install --quiet --disable-pip-version-check .
 	install -d "$(DESTDIR)$(BINDIR)"
 	ln -sfn "$(LIBDIR)/bin/djinn-worker" "$(DESTDIR)$(BINDIR)/djinn-worker"
+	ln -sfn "$(LIBDIR)/bin/djinn" "$(DESTDIR)$(BINDIR)/djinn"
 	install -d -m 0755 "$(DESTDIR)/etc/djinn"
 	for f in worker.toml driver.toml; do \
 		[ -e "$(DESTDIR)/etc/djinn/$$f" ] || \
@@ -59,7 +60,7 @@ install:
 
 uninstall:
 	rm -rf "$(DESTDIR)$(LIBDIR)"
-	rm -f "$(DESTDIR)$(BINDIR)/djinn-worker" \
+	rm -f "$(DESTDIR)$(BINDIR)/djinn-worker" "$(DESTDIR)$(BINDIR)/djinn" \
 		"$(DESTDIR)/etc/init.d/djinn-worker" \
 		"$(DESTDIR)$(UNITDIR)/djinn-worker.service" \
 		"$(DESTDIR)/etc/logrotate.d/djinn-worker"

@@ -171,3 +171,18 @@ class FileStore:
 
     def _where(self) -> str:
         return f"{self.name} store {self.root}"
+
+
+class DirectoryStore(FileStore):
+    """One plain directory of files under the names a manifest gives.
+
+    The offline runner reads objects from, and writes artifacts to,
+    directories the user names (-objects, -artifacts), where there are no
+    users and no hashes: the key is the file's name, with the same checks
+    that keep it inside the directory. The user id the runner passes is
+    ignored.
+    """
+
+    def path(self, user_id: int, key: str) -> str:
+        self._check_text(key, key)
+        return self._inside(os.path.realpath(self.root), os.path.join(self.root, key), key)

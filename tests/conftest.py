@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from djinn import Server, Worker
+from qemu_image import build_images
 from services import DIST_SCHEMA, ORIGINAL_SCHEMA, Postgres, Redis
 
 # The SMTP server fixtures (smtp_server, smtp_tls_server, smtp_auth_server).
@@ -40,6 +41,15 @@ def redis_server():
     server = Redis().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def vm_images():
+    """The qemu test images; the first run on a machine builds them (a few minutes)."""
+    try:
+        return build_images()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(params=["dist"])

@@ -17,10 +17,8 @@ import hashlib
 import io
 import os
 import re
-import shutil
 import signal
 import socket
-import subprocess
 import tempfile
 import time
 import uuid
@@ -32,35 +30,11 @@ from djinn import processes_with
 from djinn_worker.config import QemuConfig
 from djinn_worker.crypto import BlockCipher
 from djinn_worker.drivers import qemu
+from qemu_image import link_tree
 
-IMAGES = Path(os.environ.get("DJINN_TEST_IMAGES", "/var/cache/djinn-worker-tests/qemu"))
-BUILD_IMAGES = Path(__file__).parent / "images" / "build-qemu-image.sh"
 BLOCK = "0123456789abcdef"
 KEY = b"-----BEGIN OPENSSH PRIVATE KEY-----\nnot really a key\n-----END OPENSSH PRIVATE KEY-----\n"
 BOOT = 300  # seconds a test waits for a build that boots one machine
-
-
-@pytest.fixture(scope="session")
-def vm_images() -> Path:
-    """The test images; the first run on a machine builds them (a few minutes)."""
-    result = subprocess.run([str(BUILD_IMAGES), str(IMAGES)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.fail(f"{BUILD_IMAGES} failed:\n{result.stderr[-4000:]}")
-    return IMAGES
-
-
-def link_tree(src: Path, dest: Path) -> None:
-    """Hard links where possible: the images are hundreds of megabytes."""
-    if src.is_dir():
-        dest.mkdir(parents=True)
-        for child in src.iterdir():
-            link_tree(child, dest / child.name)
-        return
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copyfile(src, dest)
 
 
 @pytest.fixture

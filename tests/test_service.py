@@ -289,6 +289,11 @@ def test_make_install_and_uninstall(tmp_path):
     assert check.stdout.startswith(str(lib)), check.stdout + check.stderr
     link = dest / "usr/local/bin/djinn-worker"
     assert os.readlink(link) == "/usr/local/lib/djinn-worker/bin/djinn-worker"
+    offline = dest / "usr/local/bin/djinn"
+    assert os.readlink(offline) == "/usr/local/lib/djinn-worker/bin/djinn"
+    offline_version = subprocess.run([str(lib / "bin" / "djinn"), "-version"],
+                                     capture_output=True, text=True, timeout=SLOW)
+    assert offline_version.stdout == f"djinn {__version__}\n", offline_version.stderr
 
     etc = dest / "etc"
     assert (etc / "djinn/worker.toml").read_text() == mine, "an existing config is kept"
@@ -307,7 +312,7 @@ def test_make_install_and_uninstall(tmp_path):
     make = subprocess.run(["make", "-C", str(REPO), "uninstall", f"DESTDIR={dest}"],
                           capture_output=True, text=True, timeout=SLOW)
     assert make.returncode == 0, make.stdout + make.stderr
-    assert not lib.exists() and not os.path.lexists(link)
+    assert not lib.exists() and not os.path.lexists(link) and not os.path.lexists(offline)
     assert not init.exists()
     assert not (etc / "systemd/system/djinn-worker.service").exists()
     assert not (etc / "logrotate.d/djinn-worker").exists()

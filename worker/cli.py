@@ -54,7 +54,7 @@ def load(args: argparse.Namespace) -> tuple[WorkerConfig, DriverConfig]:
     if args.daemon and config.log.file == "/dev/stdout":
         raise ConfigError(config.path, "log.file",
                           "-daemon closes standard output: set log.file to a file")
-    drivers = load_drivers(args.driver, config)
+    drivers = load_drivers(args.driver, config.identity, config.images.path)
     for name in ("images", "artifacts", "objects"):
         store = getattr(config, name)
         try:

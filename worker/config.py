@@ -28,6 +28,8 @@ QEMU_ACCELS = ("auto", "kvm", "tcg")
 POSTGRES_PORT, REDIS_PORT, SMTP_PORT = 5432, 6379, 25
 METRICS_PORT = 9252  # GitLab Runner's, which operators' scrape configs know
 LOG_FORMATS = ("text", "json")
+# images.path's default, which is also where qemu.disks defaults to.
+IMAGES_PATH = "/var/lib/djinn/images"
 
 # Go's machine names for the host, as the original worker's qemu-<arch> uses.
 _HOST_ARCH = {"amd64": "x86_64", "arm64": "aarch64"}
@@ -563,7 +565,7 @@ def load_worker(path: str) -> WorkerConfig:
             password=redis.string("password"),
             db=redis.natural("db", 0),
         ),
-        images=_store(top, "images", "/var/lib/djinn/images", with_limit=False),
+        images=_store(top, "images", IMAGES_PATH, with_limit=False),
         artifacts=_store(top, "artifacts", "/var/lib/djinn/artifacts", with_limit=True),
         objects=_store(top, "objects", "/var/lib/djinn/objects", with_limit=False),
         log=LogConfig(
@@ -588,9 +590,16 @@ def load_worker(path: str) -> WorkerConfig:
     return config
 
 
-def load_drivers(path: str, worker: WorkerConfig) -> DriverConfig:
-    """Load driver.toml; the worker config supplies defaults (qemu disks)."""
-    top = _Table(path, "", _read(path, "-driver", "driver config"), {"docker", "qemu", "ssh"})
+def load_drivers(path: str, identity: str, images: str, required: bool = True) -> DriverConfig:
+    """Load driver.toml: identity labels the docker driver's containers and
+    images (the images store path) gives the qemu disks' default.
+
+    The worker and the offline runner share this file, so neither passes a
+    whole worker config. Without required, a missing file means every
+    default: the offline runner needs no driver.toml for the os driver.
+    """
+    data = _read(path, "-driver", "driver config") if required or os.path.exists(path) else {}
+    top = _Table(path, "", data, {"docker", "qemu", "ssh"})
     docker = top.table("docker", {"host", "version", "cpus", "memory", "pids_limit"})
     qemu = top.table("qemu", {"disks", "cpus", "memory", "accel"})
     ssh = top.table("ssh", {"timeout", "user", "password"})
@@ -611,10 +620,10 @@ def load_drivers(path: str, worker: WorkerConfig) -> DriverConfig:
             cpus=cpus,
             memory=docker.get("memory", int),
             pids_limit=docker.get("pids_limit", int),
-            identity=worker.identity,
+            identity=identity,
         ),
         qemu=QemuConfig(
-            disks=qemu.string("disks", os.path.join(worker.images.path, "qemu")),
+            disks=qemu.string("disks", os.path.join(images, "qemu")),
             cpus=qemu.get("cpus", int, QemuConfig.cpus),
             memory=qemu.get("memory", int, QemuConfig.memory),
             accel=qemu.choice("accel", QEMU_ACCELS, "auto"),
