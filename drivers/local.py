@@ -40,7 +40,6 @@ class OSDriver(Driver):
         self.tracker.path(self.root)
         self.home = os.path.join(self.root, "home")
         os.mkdir(self.home, 0o755)
-        os.mkdir(os.path.join(self.root, "scripts"), 0o700)
         out.write(f"Running with OS driver...\nBuild directory {self.home}\n".encode())
 
     def _resolve(self, path: str) -> str:
@@ -84,7 +83,8 @@ class OSDriver(Driver):
             raise DriverError("the build was stopped")
         assert self.root
         self._jobs += 1
-        path = os.path.join(self.root, "scripts", f"job-{self._jobs}.sh")
+        # Beside $HOME, not in it: the 0700 build directory keeps scripts private.
+        path = os.path.join(self.root, f"job-{self._jobs}.sh")
         with open(path, "w") as fh:
             fh.write(script)
         base = {

@@ -18,6 +18,7 @@ import logging
 import os
 import selectors
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -149,6 +150,9 @@ class Supervisor:
             self.on_ready()
         # What every build process shares is made before any fork and kept
         # out of the collector's reach, so that children do not copy it.
+        # tempfile finds its directory by writing a file there: once, here,
+        # rather than at the start of every build.
+        tempfile.gettempdir()
         gc.collect()
         gc.freeze()
         while not (self.stopping and not self.children and not self.popper.pending):
