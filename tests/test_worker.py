@@ -150,9 +150,13 @@ def test_wrong_secret_is_ignored(server, make_worker, redis_server):
     worker = make_worker()
     build = server.queue_build([("slow", False, [("slow", "sleep 2")])])
     server.wait_job(build.jobs["slow"])
-    redis_server.client().publish(f"kill-{build.id}", "guess")
+    client = redis_server.client()
+    client.publish("kill-987654321", "another worker's build")
+    client.publish(f"kill-{build.id}", "guess")
     assert server.wait(build.id)["status"] == "passed"
     worker.wait_log("ignored a kill message")
+    # Every kill channel is heard; those of builds run elsewhere are no news.
+    assert "987654321" not in worker.log
 
 
 def test_child_killed_with_sigkill_fails_the_build(server, make_worker):

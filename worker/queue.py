@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .config import RedisConfig
 
@@ -63,9 +65,12 @@ def _address(config: RedisConfig) -> dict:
 
 
 def connect(config: RedisConfig) -> redis.Redis:
+    """A client that tries once: redis-py's own retries would sleep inside
+    the supervisor's event loop (seconds with Redis away); the worker backs
+    off by itself, between turns of the loop."""
     return redis.Redis(
         **_address(config), password=config.password or None, db=config.db,
-        socket_connect_timeout=10,
+        socket_connect_timeout=10, retry=Retry(NoBackoff(), 0),
     )
 
 
@@ -234,17 +239,20 @@ def _alive(pid) -> bool:
 
 
 class KillChannel:
-    """The supervisor's one subscription to the kill channels of its builds.
+    """The supervisor's one subscription to every build's kill channel.
 
-    A build is subscribed before it is claimed, so a kill the server sends
-    the moment the build turns running finds a listener. The connection's
-    socket is watched by the event loop; after Redis comes back, every
-    channel is subscribed again.
+    One pattern subscription (kill-*) is in force from start to stop, so a
+    kill the server sends the moment a build turns running always finds a
+    listener, and claiming a build costs no subscription round trip; kills
+    of builds this worker does not run are dropped by the supervisor. The
+    connection's socket is watched by the event loop; after Redis comes
+    back, the pattern is subscribed again.
     """
+
+    PATTERN = "kill-*"
 
     def __init__(self, config: RedisConfig):
         self.config = config
-        self.builds: set[int] = set()
         self._pubsub = None
         self._waiting: list[tuple[int, bytes]] = []
 
@@ -259,34 +267,19 @@ class KillChannel:
         return sock.fileno() if sock is not None else -1
 
     def connect(self) -> None:
-        """(Re)subscribe every build's channel; RedisError if Redis is away."""
+        """(Re)subscribe and wait for Redis to confirm; RedisError if Redis is
+        away. Kills read meanwhile are kept."""
         self.close()
         self._pubsub = connect(self.config).pubsub()
-        for build_id in sorted(self.builds):
-            self._subscribe(build_id)
-
-    def subscribe(self, build_id: int) -> None:
-        """Listen for kills of a build; the subscription is in force on return."""
-        self.builds.add(build_id)
-        if self._pubsub is not None:
-            self._subscribe(build_id)
-
-    def _subscribe(self, build_id: int) -> None:
-        """Subscribe and wait for Redis to confirm; kills read meanwhile are kept."""
-        self._pubsub.subscribe(kill_channel(build_id))
+        self._pubsub.psubscribe(self.PATTERN)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             message = self._pubsub.get_message(timeout=1.0)
-            if message is not None and message["type"] == "subscribe":
+            if message is not None and message["type"] == "psubscribe":
                 return
             if message is not None:
                 self._keep(message)
         raise redis.TimeoutError(f"redis at {self.config.addr} did not confirm a subscription")
-
-    def unsubscribe(self, build_id: int) -> None:
-        self.builds.discard(build_id)
-        if self._pubsub is not None:
-            self._pubsub.unsubscribe(kill_channel(build_id))
 
     def read(self) -> list[tuple[int, bytes]]:
         """The kill messages that have arrived: (build id, message)."""
@@ -299,7 +292,7 @@ class KillChannel:
         return found
 
     def _keep(self, message: dict) -> None:
-        if message.get("type") != "message":
+        if message.get("type") != "pmessage":
             return
         channel = message["channel"].decode(errors="replace")
         build = channel.removeprefix("kill-")

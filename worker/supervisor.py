@@ -335,18 +335,13 @@ class Supervisor:
             log.error("dropped payload %r from %s: %s", raw[:200], queue, exc)
             self.metrics.payloads_dropped.labels("unreadable").inc()
             return
-        # Subscribed before the claim: a kill sent as the build turns running
-        # has a listener. With Redis away it is subscribed when Redis is back.
-        self._kills(lambda: self.kills.subscribe(payload.build_id))
         try:
             claimed = self._db(lambda conn: db.claim(conn, payload.build_id))
         except db.ClaimRefused as exc:
-            self._kills(lambda: self.kills.unsubscribe(payload.build_id))
             log.error("dropped build %d from %s: %s", payload.build_id, queue, exc)
             self.metrics.payloads_dropped.labels("not_queued").inc()
             return
         except psycopg2.Error as exc:
-            self._kills(lambda: self.kills.unsubscribe(payload.build_id))
             self.pop_at = time.monotonic() + self.database.failed(
                 exc, "popped builds are put back and no more are popped")
             self._put_back(queue, raw)
@@ -367,13 +362,6 @@ class Supervisor:
             self.unclaimed.append((queue, raw))
 
     # -- kills ------------------------------------------------------------
-
-    def _kills(self, work: Callable[[], None]) -> None:
-        """Change the kill subscription; when Redis is away, it is made whole later."""
-        try:
-            work()
-        except redis.RedisError as exc:
-            self._kills_broken(exc)
 
     def _kills_broken(self, exc: Exception) -> None:
         self.kills.close()
@@ -406,7 +394,9 @@ class Supervisor:
         running = {c.build_id: c for c in self.children.values()}
         for build_id, data in messages:
             child = running.get(build_id)
-            if child and child.claimed.secret and data.decode(errors="replace") == child.claimed.secret:
+            if child is None:
+                continue  # another worker's build, or one that is over
+            if child.claimed.secret and data.decode(errors="replace") == child.claimed.secret:
                 log.info("build %d: kill requested", build_id)
                 self.metrics.kills.inc()
                 _signal(child.pid, signal.SIGTERM)
@@ -557,7 +547,6 @@ class Supervisor:
             if child.reader is not None:
                 self._read_report(child)
                 self._close_report(child)
-            self._kills(lambda: self.kills.unsubscribe(child.build_id))
             if self._finished(child, status):
                 self._drop_claim(child.build_id)
             self._title()
