@@ -193,3 +193,28 @@ def test_a_database_away_longer_than_the_outage_limit_reruns_the_build(private, 
     worker.wait_log("stayed away longer than database.outage (2s)")
     assert not os.path.exists(left)
     assert_nothing_left(server, build.id)
+
+
+def test_output_the_database_refuses_is_said_once_and_fails_the_build(private):
+    """A write PostgreSQL refuses (not an outage) is logged once, not at every
+    tick of the writer, and the build fails instead of losing the text."""
+    server, workers = private
+    poison = marker()
+    server.sql(f"""
+        CREATE FUNCTION refuse_poison() RETURNS trigger AS $$
+        BEGIN
+            IF NEW.output LIKE '%%{poison}%%' THEN
+                RAISE EXCEPTION 'output refused by a trigger';
+            END IF;
+            RETURN NEW;
+        END $$ LANGUAGE plpgsql;
+        CREATE TRIGGER refuse_poison BEFORE UPDATE ON build_jobs
+            FOR EACH ROW EXECUTE FUNCTION refuse_poison();
+    """)
+    server.conn.commit()
+    worker = workers.start()
+    build = server.queue_build([("test", False, [("test", f"echo {poison}; sleep 3; echo after")])])
+    row = server.wait(build.id, timeout=60)
+    assert row["status"] == "failed"
+    assert "The build process died" in row["output"]
+    assert worker.log.count("output not yet written: output refused by a trigger") == 1, worker.log

@@ -101,6 +101,7 @@ class DatabaseReporter:
         self._thread.start()
 
     def _writer(self) -> None:
+        failing = None  # the error the last write failed with
         while True:
             with self._cond:
                 if self._stop:
@@ -108,14 +109,18 @@ class DatabaseReporter:
                 self._cond.wait(TICK)
             try:
                 self._flush(final=False)
+                failing = None
             except db.StopBuild as exc:
                 with self._cond:
                     self._stopped = exc
                     self._cond.notify_all()
                 return
             except db.Error as exc:
-                # Kept in the logs and sent again by the next write.
-                log.error("build %s: output not yet written: %s", self.build.id, str(exc).strip())
+                # The text is sent again by the next write; the error is said
+                # once, not at every tick while it lasts.
+                if db.one_line(exc) != failing:
+                    failing = db.one_line(exc)
+                    log.error("build %s: output not yet written: %s", self.build.id, failing)
 
     def _flush(self, final: bool, then: list[db.Statement] = ()) -> None:
         """Send the output that is due, and then the statements given, in one
