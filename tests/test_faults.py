@@ -105,7 +105,12 @@ def lost_host_build(server, flag, sleep: str) -> object:
 
 
 def kill_with_builds(worker, sleep: str) -> None:
-    """The host is gone: supervisor, build processes and their jobs die at once."""
+    """The host is gone: supervisor, build processes and their jobs die at once.
+
+    The supervisor is stopped first: otherwise it may reap a build process
+    killed before it and settle the build itself, as it does on a live host.
+    """
+    worker.proc.send_signal(signal.SIGSTOP)
     for pid in worker.children():
         os.killpg(pid, signal.SIGKILL)
     worker.proc.kill()
