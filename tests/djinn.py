@@ -249,6 +249,14 @@ class Worker:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
         return [int(p) for p in out.stdout.split() if "spare" not in _cmdline(int(p))]
 
+    def wait_children_gone(self, timeout: float = 30.0) -> None:
+        """Until every build process has exited (after its result it still
+        sends its commit status and mail)."""
+        deadline = time.monotonic() + timeout
+        while self.children():
+            assert time.monotonic() < deadline, self.children()
+            time.sleep(0.05)
+
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 

@@ -36,13 +36,6 @@ def metrics_worker(start, **config):
     return worker, f"http://127.0.0.1:{port}"
 
 
-def wait_gone(worker, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while worker.children():
-        assert time.monotonic() < deadline, worker.children()
-        time.sleep(0.05)
-
-
 def test_builds_of_every_end_are_counted(server, make_worker, redis_server):
     worker, url = metrics_worker(make_worker, timeout="2s", log={"format": "json"})
     before = scrape(url)
@@ -58,7 +51,7 @@ def test_builds_of_every_end_are_counted(server, make_worker, redis_server):
     assert server.wait(timed_out.id)["status"] == "timed_out"
     server.push("not a payload")
     worker.wait_log("dropped payload")
-    wait_gone(worker)
+    worker.wait_children_gone()
     after = scrape(url)
 
     delta = changed(before, after)
@@ -104,7 +97,7 @@ def test_output_left_out_by_the_cap_is_counted(server, make_worker):
     before = scrape(url)
     build = server.queue_build([("test", False, [("test", "head -c 1000000 /dev/zero | tr '\\0' x")])])
     assert server.wait(build.id)["status"] == "passed"
-    wait_gone(worker)
+    worker.wait_children_gone()
     delta = changed(before, scrape(url))
     dropped = delta[("djinn_worker_output_dropped_bytes_total", (("driver", "os"),))]
     stored = delta[("djinn_worker_output_stored_bytes_total", (("driver", "os"),))]

@@ -4,7 +4,6 @@ that plays GitHub's and GitLab's APIs, by the real djinn-worker."""
 from __future__ import annotations
 
 import json
-import time
 
 import psycopg2
 import pytest
@@ -68,14 +67,6 @@ def link(server, build) -> str:
     return f"{HOST}/b/{row['username']}/{row['number']}"
 
 
-def wait_gone(worker, timeout: float = 30.0) -> None:
-    """Until the build processes have exited: the final status is sent before."""
-    deadline = time.monotonic() + timeout
-    while worker.children() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not worker.children()
-
-
 @BOTH
 @pytest.mark.parametrize("provider, commands, can_fail, status, states", [
     ("github", "true", False, "passed", ["pending", "success"]),
@@ -104,7 +95,7 @@ def test_pull_request_gets_running_then_final_status(server, make_worker, codeho
         else:
             assert request.path == f"/gitlab/api/v4/projects/4242/statuses/{SHA}"
             assert (request.body["id"], request.body["sha"]) == (4242, SHA)
-    wait_gone(worker)
+    worker.wait_children_gone()
     assert len(codehost.requests) == 2
     assert TOKEN not in worker.log
 
@@ -118,7 +109,7 @@ def test_killed_and_timed_out_builds(server, make_worker, codehost, redis_server
     assert server.wait(killed.id)["status"] == "killed"
     timed_out = pull_request(server, provider, "sleep 30")
     assert server.wait(timed_out.id)["status"] == "timed_out"
-    wait_gone(worker)
+    worker.wait_children_gone()
     # The kill may come before "running" went: then it is not sent at all.
     final = {r.body["target_url"]: (r.body["state"], r.body["description"])
              for r in codehost.requests}
@@ -131,7 +122,7 @@ def test_push_and_manual_builds_get_no_status(server, make_worker, codehost):
     push = pull_request(server, "github", "true", trigger="push")
     manual = pull_request(server, "gitlab", "true", trigger="manual")
     assert server.wait(push.id)["status"] == server.wait(manual.id)["status"] == "passed"
-    wait_gone(worker)
+    worker.wait_children_gone()
     assert codehost.requests == []
 
 
@@ -141,7 +132,7 @@ def test_provider_failing_twice_still_gets_the_final_status(server, make_worker,
     build = pull_request(server, "github", "true")
     assert server.wait(build.id)["status"] == "passed"
     assert [r.body["state"] for r in codehost.answered(2)] == ["pending", "success"]
-    wait_gone(worker)
+    worker.wait_children_gone()
     assert [r.answer for r in codehost.requests] == [500, 500, 201, 201]
 
 
@@ -153,7 +144,7 @@ def test_provider_that_never_answers_delays_nothing(server, make_worker, codehos
     assert row["status"] == "passed"
     assert (row["finished_at"] - row["started_at"]).total_seconds() < 2.5
     codehost.close()  # the hanging request ends, its retries are refused
-    wait_gone(worker)
+    worker.wait_children_gone()
     assert f"build {build.id}: gitlab commit octo/hello@{SHA[:12]} not set to running: " in worker.log
     assert "not set to success: " in worker.log
     assert TOKEN not in worker.log
@@ -164,7 +155,7 @@ def test_wrong_token_is_logged_by_the_worker_not_the_build(server, make_worker, 
     build = pull_request(server, "github", "true", token="gho_expired0000000000000000000000000")
     row = server.wait(build.id)
     assert row["status"] == "passed"
-    wait_gone(worker)
+    worker.wait_children_gone()
     assert f"build {build.id}: github commit octo/hello@{SHA[:12]} not set to pending: " \
            "401 Bad credentials" in worker.log
     assert "not set to success: 401 Bad credentials" in worker.log

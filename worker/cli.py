@@ -26,7 +26,6 @@ EXIT_UNAVAILABLE = 1
 EXIT_RUNNING = 3
 
 
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # Single-dash long flags, as the original Go worker spells them; the
     # double-dash spelling works too.

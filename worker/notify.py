@@ -62,7 +62,7 @@ def commit_status(config: WorkerConfig, payload: Payload, status: str) -> None:
         cipher = BlockCipher(config.cipher_key) if config.crypto_block else None
         target = statuses.target(build, payload.host, config.providers, cipher)
     except Exception as exc:
-        log.error("build %s: no commit status set: %s", payload.build_id, str(exc).strip())
+        log.error("build %s: no commit status set: %s", payload.build_id, db.one_line(exc))
         return
     if target is not None:
         statuses.Statuses(target).finish(status)

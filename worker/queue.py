@@ -53,8 +53,8 @@ def encode_payload(build_id: int, host: str) -> str:
     return json.dumps({"build_id": build_id, "host": host})
 
 
-def kill_channel(build_id: int) -> str:
-    return f"kill-{build_id}"
+# Kills are published on KILL_PREFIX + the build id.
+KILL_PREFIX = "kill-"
 
 
 def _address(config: RedisConfig) -> dict:
@@ -249,8 +249,6 @@ class KillChannel:
     back, the pattern is subscribed again.
     """
 
-    PATTERN = "kill-*"
-
     def __init__(self, config: RedisConfig):
         self.config = config
         self._pubsub = None
@@ -271,7 +269,7 @@ class KillChannel:
         away. Kills read meanwhile are kept."""
         self.close()
         self._pubsub = connect(self.config).pubsub()
-        self._pubsub.psubscribe(self.PATTERN)
+        self._pubsub.psubscribe(KILL_PREFIX + "*")
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             message = self._pubsub.get_message(timeout=1.0)
@@ -295,7 +293,7 @@ class KillChannel:
         if message.get("type") != "pmessage":
             return
         channel = message["channel"].decode(errors="replace")
-        build = channel.removeprefix("kill-")
+        build = channel.removeprefix(KILL_PREFIX)
         if build.isdigit():
             data = message["data"]
             self._waiting.append((int(build), data if isinstance(data, bytes) else str(data).encode()))

@@ -62,9 +62,9 @@ class Recovery:
             return
         if outcome == "requeued":
             log.error("build %d: orphaned by %s; put back on %s to run again", build_id, who, queue)
-            self.settled(claim, outcome)
         elif outcome == FAILED:
             log.error("build %d: orphaned a second time by %s; marked failed", build_id, who)
+        if outcome in ("requeued", FAILED):
             self.settled(claim, outcome)
         if outcome != "finished" and claim.boot == boot_id():  # its files are on this host
             remove_paths(build_id, record.paths(build_id))

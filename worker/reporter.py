@@ -118,8 +118,9 @@ class DatabaseReporter:
             except db.Error as exc:
                 # The text is sent again by the next write; the error is said
                 # once, not at every tick while it lasts.
-                if db.one_line(exc) != failing:
-                    failing = db.one_line(exc)
+                message = db.one_line(exc)
+                if message != failing:
+                    failing = message
                     log.error("build %s: output not yet written: %s", self.build.id, failing)
 
     def _flush(self, final: bool, then: list[db.Statement] = ()) -> None:

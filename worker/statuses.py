@@ -140,14 +140,16 @@ class Statuses:
                     status = newer or status
                 if status is None:
                     return
-                self._post(session, status, requests.RequestException)
+                self._post(session, status)
 
-    def _post(self, session, status: str, failure: type[Exception]) -> None:
+    def _post(self, session, status: str) -> None:
+        import requests
+
         url, body = self.target.request(status)
         state = body["state"]
         try:
             response = session.post(url, json=body, timeout=TIMEOUT)
-        except failure as exc:
+        except requests.RequestException as exc:
             self._failed(state, str(exc))
             return
         if response.status_code == 201:
