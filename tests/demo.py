@@ -1,8 +1,9 @@
 """`make demo`: one example build, end to end, on throwaway local services.
 
-Starts PostgreSQL and Redis under .demo/, loads dist/schema.sql, writes the
-build the way the Djinn server would, runs the real djinn-worker until the
-build is finished, prints its log and status, and stops everything again.
+Starts Redis and the worker under .demo/ and PostgreSQL in the system's
+temporary directory, loads dist/schema.sql, writes the build the way the
+Djinn server would, runs the real djinn-worker until the build is finished,
+prints its log and status, and stops everything again.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ def main() -> int:
     base.mkdir(mode=0o755)
     postgres = redis = worker = None
     try:
-        postgres = Postgres(base).start()
+        # Not under the checkout: PostgreSQL runs as its own user, who may not
+        # reach a checkout in a private directory such as /root.
+        postgres = Postgres().start()
         postgres.create_database("djinn", DIST_SCHEMA)
         redis = Redis(base).start()
         stores = base / "stores"
