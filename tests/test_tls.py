@@ -91,7 +91,7 @@ def worker_connections(server, user: str) -> list[dict]:
 def test_builds_run_over_tls(server, make_worker, pki, tmp_path, database):
     """Every connection of the worker, seen from the server, is TLS."""
     config = database(pki)
-    make_worker({"database": config})
+    worker = make_worker({"database": config})
     gate = tmp_path / "gate"
     build = server.queue_build([("test", False, [
         ("wait", f"while [ ! -e {gate} ]; do sleep 0.05; done\necho over TLS")])])
@@ -105,6 +105,8 @@ def test_builds_run_over_tls(server, make_worker, pki, tmp_path, database):
     assert all(r["ssl"] for r in seen), seen
     dn = {r["client_dn"] for r in seen}
     assert dn == ({f"/CN={CERT_ROLE}"} if database is client_cert else {None}), seen
+    # TLS state cannot be shared with a fork: build processes connect themselves.
+    assert "cannot be shared with a forked process" in worker.log
 
 
 def test_failure_mail_reads_the_build_over_tls(server, make_worker, pki, smtp_server):

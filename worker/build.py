@@ -94,11 +94,15 @@ def inputs_and_outputs(build: Build, config: WorkerConfig) -> dict:
 
 
 def run(payload: Payload, claimed: db.Claimed, config: WorkerConfig, drivers: DriverConfig,
-        pipe: ReportWriter, conn: db.Connection | None = None) -> Outcome:
+        pipe: ReportWriter, conn: db.Connection | None = None,
+        lent: db.Connection | None = None) -> Outcome:
     """Run one claimed build to its end; the caller exits the process after.
 
-    The supervisor forks with SIGTERM blocked: a kill it forwards before the
-    handler is in place waits until it is, and is never lost.
+    conn is this process's own connection, opened ahead; lent is one the
+    supervisor lends (see lending.py), handed back at the end if it is
+    still in use and healthy. The supervisor forks with SIGTERM blocked: a
+    kill it forwards before the handler is in place waits until it is, and
+    is never lost.
     """
     cancel = Cancel()
     signal.signal(signal.SIGTERM, lambda *_: cancel.cancel(KILLED))
@@ -107,9 +111,8 @@ def run(payload: Payload, claimed: db.Claimed, config: WorkerConfig, drivers: Dr
     session = db.Session(config.database, claimed, config.database.outage, pipe.database)
     timer = BuildTimer(config.timeout, cancel)
     try:
-        session.open(conn)
         try:
-            build = session.call(db.load_build, payload.build_id)
+            build = session.open(lent or conn)
         except db.BuildRowError as exc:
             log.error("build %s: %s", payload.build_id, exc)
             session.call(db.abandon_build, payload.build_id, FAILED, f"{exc}\n{done_line(FAILED)}")
@@ -136,7 +139,8 @@ def run(payload: Payload, claimed: db.Claimed, config: WorkerConfig, drivers: Dr
             raise
     finally:
         timer.stop()
-        session.close()
+        if session.hand_back(lent):
+            pipe.handed_back()
 
 
 @contextmanager
@@ -164,22 +168,27 @@ def _return_big_buffers() -> None:
         pass  # not glibc: its allocator has its own ways
 
 
-def spare(config: WorkerConfig, drivers: DriverConfig, command_fd: int, report_fd: int) -> int:
+def spare(config: WorkerConfig, drivers: DriverConfig, command_fd: int, report_fd: int,
+          lent: db.Connection | None = None) -> int:
     """A build process made before its build, as gunicorn makes workers ahead.
 
-    It connects to PostgreSQL, warms the connection and imports the enabled
-    drivers while the supervisor waits for a payload, then reads the claimed
-    build from command_fd and runs it: the build starts without waiting for
-    a fork, a connection or cold catalog caches. End of file on command_fd means it is not needed.
-    SIGTERM stays blocked until the build's handler is in place.
+    Without a lent connection it connects to PostgreSQL and warms the
+    connection; it imports the enabled drivers while the supervisor waits
+    for a payload, then reads the claimed build from command_fd and runs
+    it: the build starts without waiting for a fork, a connection or cold
+    catalog caches. End of file on command_fd means it is not needed (a lent
+    connection is then left as it was). SIGTERM stays blocked until the
+    build's handler is in place.
     """
     os.setsid()
     setproctitle("djinn-worker: spare build process")
-    try:
-        conn = db.connect(config.database, application="djinn-worker build")
-        db.warm(conn)
-    except db.Error:
-        conn = None  # the build's session connects, riding out the outage
+    conn = None
+    if lent is None:
+        try:
+            conn = db.connect(config.database, application="djinn-worker build")
+            db.warm(conn)
+        except db.Error:
+            conn = None  # the build's session connects, riding out the outage
     for kind in config.drivers:  # their libraries load here, never in the supervisor
         driver_types.load(kind)
     with os.fdopen(command_fd, "rb") as command:
@@ -189,11 +198,12 @@ def spare(config: WorkerConfig, drivers: DriverConfig, command_fd: int, report_f
             conn.close()
         return 0
     payload, claimed = report.decode_start(line)
-    return main(payload, claimed, config, drivers, report_fd, conn)
+    return main(payload, claimed, config, drivers, report_fd, conn, lent)
 
 
 def main(payload: Payload, claimed: db.Claimed, config: WorkerConfig, drivers: DriverConfig,
-         report_fd: int, conn: db.Connection | None = None) -> int:
+         report_fd: int, conn: db.Connection | None = None,
+         lent: db.Connection | None = None) -> int:
     """Entry point in the forked child; returns the exit status for os._exit."""
     if os.getsid(0) != os.getpid():
         os.setsid()
@@ -202,7 +212,7 @@ def main(payload: Payload, claimed: db.Claimed, config: WorkerConfig, drivers: D
     logs.set_build(payload.build_id)
     pipe = ReportWriter(report_fd)
     try:
-        outcome = run(payload, claimed, config, drivers, pipe, conn)
+        outcome = run(payload, claimed, config, drivers, pipe, conn, lent)
     except db.StopBuild as exc:
         log.error("%s; stopped without writing", exc)
         pipe.result(payload.build_id, None, str(exc),

@@ -109,9 +109,10 @@ def claim(conn: Connection, build_id: int) -> Claimed:
 
 
 # The build and all its rows in one round trip: each list is a JSON array of
-# rows (NULL when empty), in the order the worker runs or applies them.
+# rows (NULL when empty), in the order the worker runs or applies them. The
+# first three columns tell take_build whether the build is this claim's.
 _LOAD_BUILD = """
-SELECT b.user_id, b.namespace_id, b.number, b.secret, d.type, d.config,
+SELECT current_setting('djinn_worker.locked', TRUE), b.status, b.started_at, b.user_id, b.namespace_id, b.number, b.secret, d.type, d.config,
   (SELECT json_agg(json_build_array(id, name, can_fail) ORDER BY created_at, id)
      FROM build_stages WHERE build_id = b.id),
   (SELECT json_agg(json_build_array(id, stage_id, name, commands) ORDER BY created_at, id)
@@ -141,21 +142,24 @@ FROM builds b LEFT JOIN LATERAL (
 
 
 def warm(conn: Connection) -> None:
-    """Plan the build's query once on a new connection, so that its backend's
-    catalog caches are warm before a build needs them."""
+    """Plan the build's statements once on a new connection, so that its
+    backend's catalog caches are warm before a build needs them."""
     with conn.cursor() as cur:
-        cur.execute(_LOAD_BUILD, (0,))
-        cur.execute("SELECT pg_try_advisory_lock(%s, 0), pg_advisory_unlock(%s, 0)",
-                    (_BUILD_LOCKS, _BUILD_LOCKS))
+        cur.execute(f"{_LOCK}; {_LOAD_BUILD}", (_BUILD_LOCKS, 0, 0))
+        cur.execute("SELECT pg_advisory_unlock(%s, 0)", (_BUILD_LOCKS,))
 
 
 def load_build(conn: Connection, build_id: int) -> Build:
+    """The build's rows, for a process that does not run it."""
     with conn.cursor() as cur:
         cur.execute(_LOAD_BUILD, (build_id,))
-        row = cur.fetchone()
+        return _build(build_id, cur.fetchone())
+
+
+def _build(build_id: int, row: tuple | None) -> Build:
     if row is None:
         raise BuildRowError(f"build {build_id} does not exist")
-    user_id, namespace_id, number, secret, driver_type, driver, *lists, username, pull = row
+    _, _, _, user_id, namespace_id, number, secret, driver_type, driver, *lists, username, pull = row
     stage_rows, job_rows, artifact_rows, variable_rows, key_rows, object_rows = (
         rows or [] for rows in lists)
     if driver_type is None:
@@ -349,23 +353,47 @@ def _abandon(cur, build_id: int, status: str, line: str) -> bool:
 _BUILD_LOCKS = 0x646A696E
 
 
+# The lock is taken by a statement of its own, so that the next one, sent in
+# the same round trip, reads the build as it is once the lock is held (each
+# statement sees what was committed when it began); the lock's outcome goes
+# from one to the other in a setting of the session.
+_LOCK = "SELECT set_config('djinn_worker.locked', pg_try_advisory_lock(%s, %s)::text, FALSE)"
+
+
 def take_build(conn: Connection, claimed: Claimed) -> bool:
-    """Take the build's lock for as long as this connection lives, if this
+    """Take the build's lock for as long as this session lasts, if this
     claim is still the build's run; False if another process has it, or the
     build was settled or run again meanwhile.
 
-    PostgreSQL drops the lock when the process dies, whatever kills it, so
+    PostgreSQL drops the lock when the session ends, whatever ends it, so
     the lock says whether anybody is still running the build.
     """
     with conn.cursor() as cur:
-        cur.execute("SELECT pg_try_advisory_lock(%s, %s)", (_BUILD_LOCKS, claimed.build_id))
-        if not cur.fetchone()[0]:
-            return False
-        cur.execute("SELECT status, started_at FROM builds WHERE id = %s", (claimed.build_id,))
+        cur.execute(f"{_LOCK}; SELECT current_setting('djinn_worker.locked'), b.status, "
+                    "b.started_at FROM (SELECT) one LEFT JOIN builds b ON b.id = %s",
+                    (_BUILD_LOCKS, claimed.build_id, claimed.build_id))
+        return _taken(cur, claimed, cur.fetchone())
+
+
+def take_and_load(conn: Connection, claimed: Claimed) -> Build | None:
+    """take_build and load_build in one round trip; None if not taken."""
+    with conn.cursor() as cur:
+        cur.execute(f"{_LOCK}; {_LOAD_BUILD}", (_BUILD_LOCKS, claimed.build_id, claimed.build_id))
         row = cur.fetchone()
-        if row == (RUNNING, claimed.started_at):
-            return True
-        cur.execute("SELECT pg_advisory_unlock(%s, %s)", (_BUILD_LOCKS, claimed.build_id))
+        if row is not None and not _taken(cur, claimed, row):
+            return None
+    return _build(claimed.build_id, row)
+
+
+def _taken(cur, claimed: Claimed, row: tuple) -> bool:
+    """Whether the lock was taken and the build is this claim's run; the
+    lock is let go again if it is not."""
+    locked, status, started_at = row[:3]
+    if locked != "true":
+        return False
+    if (status, started_at) == (RUNNING, claimed.started_at):
+        return True
+    cur.execute("SELECT pg_advisory_unlock(%s, %s)", (_BUILD_LOCKS, claimed.build_id))
     return False
 
 
@@ -439,12 +467,15 @@ class Session:
         self._lock = threading.RLock()
         self._stopped: StopBuild | None = None
 
-    def open(self, conn: Connection | None = None) -> None:
-        """Connect (or take over conn, opened ahead) and take the build;
-        LostBuild if it is no longer ours."""
+    def open(self, conn: Connection | None = None) -> Build:
+        """Connect (or take over conn, opened ahead), take the build and load
+        it; LostBuild if it is no longer ours, BuildRowError if its rows
+        cannot be run (the build is taken then)."""
         self.conn = conn or connect(self.config, application="djinn-worker build")
-        if not self.call(take_build, self.claimed):
+        build = self.call(take_and_load, self.claimed)
+        if build is None:
             self._stop(LostBuild(f"build {self.claimed.build_id} is run by another process"))
+        return build
 
     def call(self, work: Callable, *args):
         with self._lock:
@@ -482,6 +513,25 @@ class Session:
             log.info("build %s: database back; carrying on", build_id)
             self.on_event("reconnect")
             return
+
+    def hand_back(self, lent: Connection | None) -> bool:
+        """End the session; True if its connection is lent, still the one in
+        use and healthy, and has been reset (DISCARD ALL, which drops the
+        build's lock) for the lender's next build process. This process must
+        not touch it again; any other connection is closed."""
+        with self._lock:
+            conn, self.conn = self.conn, None
+            if conn is None:
+                return False
+            if conn is lent and not self._stopped:
+                try:
+                    _execute(conn, "DISCARD ALL", ())
+                    if conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+                        return True
+                except psycopg2.Error:
+                    pass
+            conn.close()
+            return False
 
     def _stop(self, reason: StopBuild) -> None:
         self._stopped = reason

@@ -28,6 +28,7 @@ NOTICE_FAILED = "notice_failed"  # {"notice": COMMIT_STATUS | MAIL}
 COMMIT_STATUS, MAIL = "commit_status", "mail"
 DATABASE = "database"  # {"event": "error" | "reconnect"}: the build's own connection
 FIGURES = (CREATED, OUTPUT, NOTICE_FAILED, DATABASE)
+HANDED_BACK = "handed_back"  # {}: the lent database connection is reset and never used again
 UNREADABLE = "unreadable"  # made by the reader for a line it cannot decode
 
 # Why a build process stopped without settling its build (RESULT's "stop").
@@ -73,6 +74,9 @@ class ReportWriter:
 
     def database(self, event: str) -> None:
         self.send(DATABASE, event=event)
+
+    def handed_back(self) -> None:
+        self.send(HANDED_BACK)
 
     def result(self, build_id: int, status: str | None, error: str = "",
                stop: str | None = None) -> None:

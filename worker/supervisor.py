@@ -29,6 +29,7 @@ from setproctitle import setproctitle
 
 from . import __version__, build, db, report
 from .backoff import Outage
+from .lending import Lender
 from .metrics import POSTGRESQL, REDIS, Health, Metrics, serve
 from .config import DriverConfig, WorkerConfig
 from .model import FAILED, TIMED_OUT, done_line
@@ -55,6 +56,7 @@ class Spare:
     pid: int
     command_fd: int
     report_fd: int
+    lent: db.Connection | None
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Child:
     payload: Payload
     claimed: db.Claimed
     deadline: float
+    lent: db.Connection | None = None  # the database connection it borrowed
     result: dict | None = None
     started: float = field(default_factory=time.monotonic)
     pgids: list[int] = field(default_factory=list)
@@ -95,6 +98,7 @@ class Supervisor:
         self.stopping = False
         self.killing = False
         self.conn: db.Connection | None = None
+        self.lender = Lender(config.database, config.slots + 1)
         self.popper = Popper(config.redis, config.queues)
         client = self.popper.client
         self.claims = Claims(client, config.identity)
@@ -187,6 +191,7 @@ class Supervisor:
             log.error("redis at %s: %s; the lease expires by itself in %gs",
                       self.config.redis.addr, exc, self.config.lease_ttl)
         self.popper.close()
+        self.lender.close()
         if self.conn is not None:
             self.conn.close()
 
@@ -243,6 +248,7 @@ class Supervisor:
             result = work(conn)
         except (psycopg2.OperationalError, psycopg2.InterfaceError):
             conn.close()
+            self.lender.drop_idle()
             raise
         self.database.ok()
         return result
@@ -258,6 +264,7 @@ class Supervisor:
         self.tick_at = time.monotonic() + self._tick_interval()
         try:
             self._db(db.ping)
+            self.lender.fill()
         except psycopg2.Error as exc:
             self.database.failed(exc, "orphaned builds are settled once it is back")
         try:
@@ -405,15 +412,16 @@ class Supervisor:
 
     # -- children ---------------------------------------------------------
 
-    def _fork(self, work: Callable[[], int]) -> int:
-        """Fork a build process that runs work(); SIGTERM (a kill) stays
-        blocked in it until its build's handler is in place."""
+    def _fork(self, work: Callable[[], int], lent: db.Connection | None) -> int:
+        """Fork a build process that runs work() with the connection lent to
+        it; SIGTERM (a kill) stays blocked in it until its build's handler
+        is in place."""
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                self._become_child()
+                self._become_child(lent)
                 code = work()
             except BaseException:
                 log.exception("a build process failed to start")
@@ -427,22 +435,26 @@ class Supervisor:
             return
         command_r, command_w = os.pipe()
         report_r, report_w = os.pipe()
+        lent = self.lender.lend()
 
         def spare() -> int:
             os.close(command_w)
             os.close(report_r)
-            return build.spare(self.config, self.drivers, command_r, report_w)
+            return build.spare(self.config, self.drivers, command_r, report_w, lent)
 
-        pid = self._fork(spare)
+        pid = self._fork(spare, lent)
         os.close(command_r)
         os.close(report_w)
-        self.spare = Spare(pid, command_w, report_r)
+        self.spare = Spare(pid, command_w, report_r, lent)
 
-    def _drop_spare(self) -> None:
-        """Let the spare go: end of file on its command pipe, and it exits."""
+    def _drop_spare(self, died: bool = False) -> None:
+        """Let the spare go: end of file on its command pipe, and it exits
+        without touching its lent connection (unless it died)."""
         if self.spare is not None:
             os.close(self.spare.command_fd)
             os.close(self.spare.report_fd)
+            if self.spare.lent is not None:
+                self.lender.returned(self.spare.lent, reusable=not died)
             self.spare = None
 
     def _start(self, payload: Payload, claimed: db.Claimed) -> None:
@@ -454,36 +466,41 @@ class Supervisor:
                 os.write(spare.command_fd, report.encode_start(payload, claimed))
             except BrokenPipeError:  # it died: reaped as a stranger
                 os.close(spare.report_fd)
+                if spare.lent is not None:
+                    self.lender.returned(spare.lent, reusable=False)
                 spare = None
             finally:
                 os.close(command_fd)
         if spare is None:
             read_fd, write_fd = os.pipe()
+            lent = self.lender.lend()
             pid = self._fork(lambda: build.main(payload, claimed, self.config, self.drivers,
-                                                write_fd))
+                                                write_fd, lent=lent), lent)
             os.close(write_fd)
         else:
-            pid, read_fd = spare.pid, spare.report_fd
+            pid, read_fd, lent = spare.pid, spare.report_fd, spare.lent
         # Short timeouts get a grace as long as the timeout (at least 5 s).
         grace = min(BACKSTOP_GRACE, max(self.config.timeout, 5.0))
         child = Child(pid, report.ReportReader(read_fd), payload, claimed,
-                      deadline=time.monotonic() + self.config.timeout + grace)
+                      deadline=time.monotonic() + self.config.timeout + grace, lent=lent)
         self.children[pid] = child
         self.selector.register(read_fd, selectors.EVENT_READ, lambda: self._read_report(child))
         log.info("build %d: started in process %d", payload.build_id, pid)
         self._title()
 
-    def _become_child(self) -> None:
+    def _become_child(self, lent: db.Connection | None = None) -> None:
         """Drop what belongs to the parent without disturbing it.
 
         Sockets are closed, never shut down, so the parent's connections to
-        Redis and PostgreSQL stay intact (the PostgreSQL connection object is
-        simply never touched: the child leaves through os._exit).
+        Redis and PostgreSQL stay intact (the PostgreSQL connection objects
+        are simply never touched: the child leaves through os._exit). Of the
+        connections the lender holds, only the one lent to this child stays.
         """
         signal.set_wakeup_fd(-1)
         for sig in _SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         fds = [self._wake_r, self._wake_w, self.popper.fileno(), self.kills.fileno()]
+        fds += self.lender.fds(keep=lent)
         if self.http is not None:
             fds.append(self.http.fileno())
         fds += [c.reader.fd for c in self.children.values() if c.reader]
@@ -516,6 +533,8 @@ class Supervisor:
             if child.result.get("status"):
                 self._count_finished(child, child.result["status"])
             self._title()
+        elif message.kind == report.HANDED_BACK:
+            self._take_back(child, reusable=True)
         elif message.kind in report.FIGURES:
             self._count(child, message)
         else:
@@ -538,7 +557,7 @@ class Supervisor:
             if self.spare is not None and pid == self.spare.pid:
                 log.error("the spare build process %d %s; making another in %gs", pid,
                           describe_exit(status), SPARE_PAUSE)
-                self._drop_spare()
+                self._drop_spare(died=True)
                 self.spare_at = time.monotonic() + SPARE_PAUSE
                 continue
             child = self.children.pop(pid, None)
@@ -547,9 +566,17 @@ class Supervisor:
             if child.reader is not None:
                 self._read_report(child)
                 self._close_report(child)
+            # Not handed back: closing it ends the session (and the lock) at
+            # the server, if the build process left it alive.
+            self._take_back(child, reusable=False)
             if self._finished(child, status):
                 self._drop_claim(child.build_id)
             self._title()
+
+    def _take_back(self, child: Child, reusable: bool) -> None:
+        if child.lent is not None:
+            self.lender.returned(child.lent, reusable)
+            child.lent = None
 
     def _drop_claim(self, build_id: int) -> None:
         try:
