@@ -141,11 +141,22 @@ FROM builds b LEFT JOIN LATERAL (
 """
 
 
+# Planning the load costs the server more than running it: build processes
+# run it prepared, once per connection.
+_PREPARE = "PREPARE djinn_load(int) AS " + _LOAD_BUILD.replace("%s", "$1")
+
+
+def prepare(conn: Connection) -> None:
+    """Make a new connection ready for take_and_load."""
+    _execute(conn, _PREPARE, None)
+
+
 def warm(conn: Connection) -> None:
-    """Plan the build's statements once on a new connection, so that its
-    backend's catalog caches are warm before a build needs them."""
+    """prepare, and run the build's statements once, so that the backend's
+    catalog caches are warm before a build needs them."""
+    prepare(conn)
     with conn.cursor() as cur:
-        cur.execute(f"{_LOCK}; {_LOAD_BUILD}", (_BUILD_LOCKS, 0, 0))
+        cur.execute(f"{_LOCK}; EXECUTE djinn_load(0)", (_BUILD_LOCKS, 0))
         cur.execute("SELECT pg_advisory_unlock(%s, 0)", (_BUILD_LOCKS,))
 
 
@@ -221,7 +232,7 @@ def find_image(conn: Connection, user_id: int, namespace_id: int | None, driver:
     return (row[0], row[1]) if row else None
 
 
-def _execute(conn: Connection, sql: str, args: tuple) -> None:
+def _execute(conn: Connection, sql: str, args: tuple | None) -> None:
     with conn.cursor() as cur:
         cur.execute(sql, args)
 
@@ -376,9 +387,11 @@ def take_build(conn: Connection, claimed: Claimed) -> bool:
 
 
 def take_and_load(conn: Connection, claimed: Claimed) -> Build | None:
-    """take_build and load_build in one round trip; None if not taken."""
+    """take_build and load_build in one round trip, on a prepared
+    connection; None if not taken."""
     with conn.cursor() as cur:
-        cur.execute(f"{_LOCK}; {_LOAD_BUILD}", (_BUILD_LOCKS, claimed.build_id, claimed.build_id))
+        cur.execute(f"{_LOCK}; EXECUTE djinn_load(%s)",
+                    (_BUILD_LOCKS, claimed.build_id, claimed.build_id))
         row = cur.fetchone()
         if row is not None and not _taken(cur, claimed, row):
             return None
@@ -466,12 +479,16 @@ class Session:
         self.conn: Connection | None = None
         self._lock = threading.RLock()
         self._stopped: StopBuild | None = None
+        self._failed = False  # a statement failed: the connection is not handed back
 
     def open(self, conn: Connection | None = None) -> Build:
         """Connect (or take over conn, opened ahead), take the build and load
         it; LostBuild if it is no longer ours, BuildRowError if its rows
         cannot be run (the build is taken then)."""
-        self.conn = conn or connect(self.config, application="djinn-worker build")
+        if conn is None:
+            conn = connect(self.config, application="djinn-worker build")
+            prepare(conn)
+        self.conn = conn
         build = self.call(take_and_load, self.claimed)
         if build is None:
             self._stop(LostBuild(f"build {self.claimed.build_id} is run by another process"))
@@ -486,6 +503,9 @@ class Session:
                     return work(self.conn, *args)
                 except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
                     self._reconnect(exc)
+                except psycopg2.Error:
+                    self._failed = True
+                    raise
 
     def _reconnect(self, exc: Exception) -> None:
         build_id = self.claimed.build_id
@@ -497,6 +517,7 @@ class Session:
         while True:
             try:
                 self.conn = connect(self.config, application="djinn-worker build")
+                prepare(self.conn)
                 taken = take_build(self.conn, self.claimed)
             except psycopg2.Error:
                 self.close()
@@ -516,16 +537,17 @@ class Session:
 
     def hand_back(self, lent: Connection | None) -> bool:
         """End the session; True if its connection is lent, still the one in
-        use and healthy, and has been reset (DISCARD ALL, which drops the
-        build's lock) for the lender's next build process. This process must
-        not touch it again; any other connection is closed."""
+        use, never failed a statement, and has been reset for the lender's
+        next build process: the build's lock dropped and settings reset,
+        the prepared load kept. This process must not touch it again; any
+        other connection is closed."""
         with self._lock:
             conn, self.conn = self.conn, None
             if conn is None:
                 return False
-            if conn is lent and not self._stopped:
+            if conn is lent and not self._stopped and not self._failed:
                 try:
-                    _execute(conn, "DISCARD ALL", ())
+                    _execute(conn, "SELECT pg_advisory_unlock_all(); RESET ALL", None)
                     if conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE:
                         return True
                 except psycopg2.Error:

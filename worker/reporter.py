@@ -92,9 +92,12 @@ class DatabaseReporter:
         self._cond = threading.Condition()
         # One writer on the connection at a time, in the order of events.
         self._db = threading.Lock()
-        # Status changes wait here to go with the next job's start or end:
-        # one round trip instead of one each.
+        # Status changes wait here to go with the next write (the writer's,
+        # within a tick, or a job's end): one round trip for all that
+        # happened together. A job's start wakes the writer, so that the
+        # job runs without waiting for its own write.
         self._queued: list[db.Statement] = []
+        self._due = False  # the writer writes without waiting for its tick
         self._stop = False
         self._stopped: db.StopBuild | None = None  # why the writer gave up
         self._thread = threading.Thread(target=self._writer, name="output", daemon=True)
@@ -106,7 +109,9 @@ class DatabaseReporter:
             with self._cond:
                 if self._stop:
                     return
-                self._cond.wait(TICK)
+                if not self._due:
+                    self._cond.wait(TICK)
+                self._due = False
             try:
                 self._flush(final=False)
                 failing = None
@@ -123,14 +128,15 @@ class DatabaseReporter:
                     failing = message
                     log.error("build %s: output not yet written: %s", self.build.id, failing)
 
-    def _flush(self, final: bool, then: list[db.Statement] = ()) -> None:
-        """Send the output that is due, and then the statements given, in one
-        round trip; a big write goes alone, so that the build process holds
-        one copy of one column's text at a time."""
+    def _flush(self, final: bool, *last: db.Statement) -> None:
+        """Send the output that is due, then the queued status changes and
+        last, in one round trip; a big write goes alone, so that the build
+        process holds one copy of one column's text at a time."""
         with self._db:
             small = []
             with self._cond:
                 columns = [self._build] + ([self._job] if self._job else [])
+                then, self._queued = self._queued + list(last), []
             for column in columns:
                 with self._cond:
                     write = column.due(time.monotonic(), final)
@@ -140,7 +146,12 @@ class DatabaseReporter:
                     self._send([(column, write)], [])
                 else:
                     small.append((column, write))
-            self._send(small, list(then))
+            try:
+                self._send(small, then)
+            except BaseException:
+                with self._cond:  # sent again with the next write
+                    self._queued[:0] = then
+                raise
 
     def _send(self, writes: list[tuple[_Column, Write]], then: list[db.Statement]) -> None:
         statements = [db.output(column.table, column.row_id, write.data,
@@ -173,18 +184,21 @@ class DatabaseReporter:
     def _behind(self) -> bool:
         return self._build.behind() or (self._job is not None and self._job.behind())
 
-    def _statuses(self, *last: db.Statement) -> list[db.Statement]:
-        """The queued status changes and these, taken off the queue."""
-        statements, self._queued = self._queued + list(last), []
-        return statements
+    def _queue(self, statement: db.Statement) -> None:
+        with self._cond:
+            self._queued.append(statement)
 
     def job_started(self, job: Job) -> None:
-        self._flush(final=True, then=self._statuses(db.start_job(job.id)))
+        """The job's output so far and its start go in the background: by
+        the time its first output is due they have been written."""
         with self._cond:
+            self._queued.append(db.start_job(job.id))
             self._job = _Column(self.limit, "build_jobs", job.id)
+            self._due = True
+            self._cond.notify_all()
 
     def job_finished(self, job: Job, status: str) -> None:
-        self._flush(final=True, then=self._statuses(db.finish_job(job.id, status)))
+        self._flush(True, db.finish_job(job.id, status))
         with self._cond:
             column = self._job if self._job is not None and self._job.row_id == job.id else None
         if column is not None:
@@ -192,16 +206,16 @@ class DatabaseReporter:
             self.on_job_output(column.log.total - dropped, dropped)
 
     def stage_started(self, stage: Stage) -> None:
-        self._queued.append(db.start_stage(stage.id))
+        self._queue(db.start_stage(stage.id))
 
     def stage_finished(self, stage: Stage, status: str) -> None:
-        self._queued.append(db.finish_stage(stage.id, status))
+        self._queue(db.finish_stage(stage.id, status))
 
     def object_placed(self, obj: Object) -> None:
-        self._queued.append(db.mark_placed(obj.id))
+        self._queue(db.mark_placed(obj.id))
 
     def artifact_collected(self, artifact: Artifact, size: int, md5: bytes, sha256: bytes) -> None:
-        self._queued.append(db.record_artifact(artifact.id, size, md5, sha256))
+        self._queue(db.record_artifact(artifact.id, size, md5, sha256))
 
     def build_finished(self, status: str) -> None:
         """The last write: the rest of the output, statuses and the build's own."""
@@ -209,4 +223,4 @@ class DatabaseReporter:
             self._stop = True
             self._cond.notify_all()
         self._thread.join()
-        self._flush(final=True, then=self._statuses(db.finish_build(self.build.id, status)))
+        self._flush(True, db.finish_build(self.build.id, status))
