@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 BACKSTOP_GRACE = 30.0
 # A spare build process that died is made again after this long.
 SPARE_PAUSE = 5.0
+# Forking the next spare, and its start, would compete for the CPU with the
+# build that took the last one: it waits until that build's first job has
+# started, or this long.
+SPARE_HOLD = 0.05
 # How long a stopping supervisor waits for its spare to exit (it may be
 # connecting to PostgreSQL).
 SPARE_EXIT = 12.0
@@ -433,6 +437,8 @@ class Supervisor:
     def _make_spare(self) -> None:
         if self.spare is not None or self.stopping or time.monotonic() < self.spare_at:
             return
+        if self._spare_held_until() > time.monotonic():
+            return
         command_r, command_w = os.pipe()
         report_r, report_w = os.pipe()
         lent = self.lender.lend()
@@ -446,6 +452,11 @@ class Supervisor:
         os.close(command_r)
         os.close(report_w)
         self.spare = Spare(pid, command_w, report_r, lent)
+
+    def _spare_held_until(self) -> float:
+        """Until when the next spare waits for a starting build (0: no wait)."""
+        return max((c.started + SPARE_HOLD for c in self.children.values()
+                    if c.result is None and not c.pgids), default=0.0)
 
     def _drop_spare(self, died: bool = False) -> None:
         """Let the spare go: end of file on its command pipe, and it exits
@@ -719,6 +730,8 @@ class Supervisor:
         times = [c.deadline for c in self.children.values()
                  if c.result is None and not c.backstopped]
         times.append(self.tick_at)
+        if self.spare is None and not self.stopping:
+            times.append(max(self._spare_held_until(), self.spare_at))
         if self.kills_at is not None:
             times.append(self.kills_at)
         now = time.monotonic()
