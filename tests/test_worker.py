@@ -204,6 +204,10 @@ def test_bad_payloads_are_dropped_and_the_worker_goes_on(server, make_worker):
     assert "the build is already passed" in log
     assert server.build(done.id)["status"] == "passed"
     assert worker.proc.poll() is None
+    # Noted for recovery as they were popped, and forgotten once refused.
+    noted = {int(b) for key in server.redis.keys("djinn-worker:*:claimed")
+             for b in server.redis.hkeys(key)}
+    assert not noted & {done.id, 99999999}
 
 
 def test_driver_not_enabled_kills_the_build(server, make_worker):

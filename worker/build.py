@@ -181,6 +181,7 @@ def spare(config: WorkerConfig, drivers: DriverConfig, command_fd: int, report_f
     build's handler is in place.
     """
     os.setsid()
+    _return_big_buffers()
     setproctitle("djinn-worker: spare build process")
     conn = None
     if lent is None:
@@ -206,8 +207,8 @@ def main(payload: Payload, claimed: db.Claimed, config: WorkerConfig, drivers: D
          lent: db.Connection | None = None) -> int:
     """Entry point in the forked child; returns the exit status for os._exit."""
     if os.getsid(0) != os.getpid():
-        os.setsid()
-    _return_big_buffers()
+        os.setsid()  # forked for this build, not made ahead as a spare
+        _return_big_buffers()
     setproctitle(f"djinn-worker: build {payload.build_id}")
     logs.set_build(payload.build_id)
     pipe = ReportWriter(report_fd)

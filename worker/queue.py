@@ -96,6 +96,41 @@ class Claim:
     boot: str = ""  # the boot of the claimer's host: its files are there
 
 
+class Reply:
+    """Commands sent at once on a connection of the client's pool, whose
+    answers are read later by wait(): one round trip that overlaps other work."""
+
+    def __init__(self, client: redis.Redis, commands: list[tuple]):
+        self.pool = client.connection_pool
+        self.conn = self.pool.get_connection()
+        self.count = len(commands)
+        try:
+            self.conn.send_packed_command(self.conn.pack_commands(commands))
+        except BaseException:
+            self._release(broken=True)
+            raise
+
+    def wait(self) -> None:
+        """Raises RedisError if a command failed or Redis went away."""
+        error, broken = None, True
+        try:
+            for _ in range(self.count):
+                try:
+                    self.conn.read_response()
+                except redis.ResponseError as exc:  # the next answers still come
+                    error = error or exc
+            broken = False
+        finally:
+            self._release(broken)
+        if error:
+            raise error
+
+    def _release(self, broken: bool) -> None:
+        if broken:
+            self.conn.disconnect()
+        self.pool.release(self.conn)
+
+
 class Claims:
     """The builds one worker identity claimed and has not seen end, in Redis.
 
@@ -107,11 +142,17 @@ class Claims:
     def __init__(self, client: redis.Redis, identity: str):
         self.client, self.identity, self.key = client, identity, claims_key(identity)
 
-    def add(self, payload: Payload, queue: str) -> None:
+    def add(self, payload: Payload, queue: str) -> Reply:
+        """Send the note of a claim; the caller claims the build in
+        PostgreSQL while Redis answers, then waits for the Reply.
+
+        Noting a build before it is claimed is safe: recovery leaves a
+        noted build that is not running to whoever runs or ran it.
+        """
         value = json.dumps({"build_id": payload.build_id, "host": payload.host, "queue": queue,
                             "boot": boot_id()})
-        self.client.pipeline().sadd(WORKERS_KEY, self.identity) \
-            .hset(self.key, str(payload.build_id), value).execute()
+        return Reply(self.client, [("SADD", WORKERS_KEY, self.identity),
+                                   ("HSET", self.key, str(payload.build_id), value)])
 
     def add_path(self, build_id: int, path: str) -> None:
         """A file or directory of the build's driver, to remove if nobody else does."""

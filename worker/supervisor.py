@@ -33,7 +33,9 @@ from .lending import Lender
 from .metrics import POSTGRESQL, REDIS, Health, Metrics, serve
 from .config import DriverConfig, WorkerConfig
 from .model import FAILED, TIMED_OUT, done_line
-from .queue import Claim, Claims, KillChannel, Lease, Payload, PayloadError, Popper, parse_payload
+from .queue import (
+    Claim, Claims, KillChannel, Lease, Payload, PayloadError, Popper, Reply, parse_payload,
+)
 from .recovery import Recovery, remove_paths
 
 log = logging.getLogger(__name__)
@@ -346,24 +348,46 @@ class Supervisor:
             log.error("dropped payload %r from %s: %s", raw[:200], queue, exc)
             self.metrics.payloads_dropped.labels("unreadable").inc()
             return
+        noted = self._note(payload, queue)
         try:
             claimed = self._db(lambda conn: db.claim(conn, payload.build_id))
         except db.ClaimRefused as exc:
             log.error("dropped build %d from %s: %s", payload.build_id, queue, exc)
             self.metrics.payloads_dropped.labels("not_queued").inc()
+            self._forget_note(payload, noted)
             return
         except psycopg2.Error as exc:
             self.pop_at = time.monotonic() + self.database.failed(
                 exc, "popped builds are put back and no more are popped")
             self._put_back(queue, raw)
+            self._forget_note(payload, noted)
             return
-        try:
-            self.claims.add(payload, queue)
-        except redis.RedisError as exc:
-            log.error("build %d: not noted for recovery after a crash: %s", payload.build_id, exc)
+        if noted is not None:
+            try:
+                noted.wait()
+            except redis.RedisError as exc:
+                log.error("build %d: not noted for recovery after a crash: %s",
+                          payload.build_id, exc)
         self.metrics.started.labels(claimed.driver).inc()
         self.metrics.queue_wait.observe(claimed.waited)
         self._start(payload, claimed)
+
+    def _note(self, payload: Payload, queue: str) -> Reply | None:
+        """Note the build for recovery, its answer read once it is claimed."""
+        try:
+            return self.claims.add(payload, queue)
+        except redis.RedisError as exc:
+            log.error("build %d: not noted for recovery after a crash: %s", payload.build_id, exc)
+            return None
+
+    def _forget_note(self, payload: Payload, noted: Reply | None) -> None:
+        """The build was not claimed after all."""
+        if noted is not None:
+            try:
+                noted.wait()
+            except redis.RedisError:
+                pass  # dropped below all the same
+        self._drop_claim(payload.build_id)
 
     def _put_back(self, queue: str, raw: bytes) -> None:
         try:
