@@ -86,20 +86,22 @@ class Claimed:
     waited: float = 0.0
 
 
+_CLAIM = (
+    "UPDATE builds SET status = 'running', started_at = clock_timestamp() "
+    "WHERE id = %s AND status = 'queued' RETURNING secret, started_at, "
+    "(SELECT type FROM build_drivers WHERE build_id = builds.id ORDER BY id LIMIT 1), "
+    "EXTRACT(EPOCH FROM started_at - created_at)"
+)
+
+
 def claim(conn: Connection, build_id: int) -> Claimed:
     """Mark a queued build running, or raise ClaimRefused.
 
     The status check and the update are one statement, so two workers given
-    the same build id can never both run it.
+    the same build id can never both run it. conn must be prepared.
     """
     with conn.cursor() as cur:
-        cur.execute(
-            "UPDATE builds SET status = 'running', started_at = clock_timestamp() "
-            "WHERE id = %s AND status = 'queued' RETURNING secret, started_at, "
-            "(SELECT type FROM build_drivers WHERE build_id = builds.id ORDER BY id LIMIT 1), "
-            "EXTRACT(EPOCH FROM started_at - created_at)",
-            (build_id,),
-        )
+        cur.execute("EXECUTE djinn_claim(%s)", (build_id,))
         row = cur.fetchone()
         if row:
             return Claimed(build_id, row[0], row[1], row[2] or "", max(float(row[3] or 0), 0.0))
@@ -141,13 +143,14 @@ FROM builds b LEFT JOIN LATERAL (
 """
 
 
-# Planning the load costs the server more than running it: build processes
-# run it prepared, once per connection.
-_PREPARE = "PREPARE djinn_load(int) AS " + _LOAD_BUILD.replace("%s", "$1")
+# Planning the load costs the server more than running it, and planning the
+# claim almost as much: both run prepared, planned once per connection.
+_PREPARE = "; ".join(f"PREPARE {name}(int) AS " + sql.replace("%s", "$1")
+                     for name, sql in (("djinn_load", _LOAD_BUILD), ("djinn_claim", _CLAIM)))
 
 
 def prepare(conn: Connection) -> None:
-    """Make a new connection ready for take_and_load."""
+    """Make a new connection ready for claim and take_and_load."""
     _execute(conn, _PREPARE, None)
 
 

@@ -261,7 +261,13 @@ class Supervisor:
 
     def _connection(self) -> db.Connection:
         if self.conn is None or self.conn.closed:
-            self.conn = db.connect(self.config.database, application="djinn-worker")
+            conn = db.connect(self.config.database, application="djinn-worker")
+            try:
+                db.prepare(conn)
+            except psycopg2.Error:
+                conn.close()
+                raise
+            self.conn = conn
         return self.conn
 
     def _tick(self) -> None:
