@@ -6,13 +6,17 @@ database, takes scram-sha-256 passwords over TCP; RQ as two `rq worker`
 processes, each forking a work-horse per job. For each figure it prints both
 values, djinn/RQ, the target and PASS or FAIL:
 
+Both run at once and are measured in turns (see side_by_side), so that
+this shared machine's noisy moments fall on both alike.
+
 - dispatch latency (median, p95): N jobs pushed one at a time to an idle
-  worker, from the wall clock just before the push (LPUSH, or RQ's enqueue)
+  worker, alternating between the two, from the wall clock just before the push (LPUSH, or RQ's enqueue)
   to the job's command running, as told by `date +%s.%N` in the job (djinn:
   the job's stored output; RQ: the job function's subprocess, returned);
 - burst throughput: M jobs running `sh -c true` pushed at once (djinn: one
   LPUSH each; RQ: enqueue_many, one pipeline), count / (last finish - first
-  push), finish being builds.finished_at or RQ's job.ended_at;
+  push), finish being builds.finished_at or RQ's job.ended_at; the median of
+  K bursts each, taken in turns;
 - peak RSS (VmHWM) of the djinn supervisor and of the larger RQ worker main
   process, after all their jobs;
 - private memory (USS, Private_Clean + Private_Dirty of smaps_rollup) and peak
@@ -307,15 +311,10 @@ def djinn_overshoot(server: Server, user: int, count: int) -> list[float]:
     return samples
 
 
-def measure_djinn(server: Server, worker: Worker, args) -> dict:
-    user = server.user()
-    djinn_dispatch(server, user, 10)  # warm up caches and connections
-    dispatch = djinn_dispatch(server, user, args.jobs)
-    burst = djinn_burst(server, user, args.burst)
+def djinn_memory_and_kills(server: Server, user: int, worker: Worker, args) -> dict:
     memory = run_build(server, user, MEMORY)
     kill = djinn_kill(server, user, args.kills)
-    return {"dispatch": dispatch, "burst": burst, "kill": kill,
-            "main_rss": peak_rss_mib(worker.proc.pid),
+    return {"kill": kill, "main_rss": peak_rss_mib(worker.proc.pid),
             "child_uss": uss_mib(memory), "child_rss": kib(memory, "VmHWM") / 1024}
 
 
@@ -350,14 +349,34 @@ def rq_burst(queue: rq.Queue, count: int) -> float:
     return count / (max(ended) - start).total_seconds()
 
 
-def measure_rq(queue: rq.Queue, procs: list[subprocess.Popen], args) -> dict:
-    rq_dispatch(queue, 10)  # warm up, as for djinn
-    dispatch = rq_dispatch(queue, args.jobs)
-    burst = rq_burst(queue, args.burst)
+def rq_memory(queue: rq.Queue, procs: list[subprocess.Popen]) -> dict:
     memory = rq_result(queue.enqueue("rqbench.memory"))
-    return {"dispatch": dispatch, "burst": burst,
-            "main_rss": max(peak_rss_mib(p.pid) for p in procs),
+    return {"main_rss": max(peak_rss_mib(p.pid) for p in procs),
             "child_uss": uss_mib(memory), "child_rss": kib(memory, "VmHWM") / 1024}
+
+
+def side_by_side(server: Server, worker: Worker, queue: rq.Queue,
+                 procs: list[subprocess.Popen], args) -> tuple[dict, dict]:
+    """Both measured in turns while both run (each idle while the other
+    works), so that a noisy moment of this machine falls on both alike:
+    dispatch samples alternate one by one, bursts round by round (their
+    median is reported)."""
+    user = server.user()
+    djinn_dispatch(server, user, 10)  # warm up caches and connections
+    rq_dispatch(queue, 10)
+    djinn: dict = {"dispatch": [], "bursts": []}
+    rq_: dict = {"dispatch": [], "bursts": []}
+    for _ in range(args.jobs):
+        djinn["dispatch"] += djinn_dispatch(server, user, 1)
+        rq_["dispatch"] += rq_dispatch(queue, 1)
+    for _ in range(args.bursts):
+        djinn["bursts"].append(djinn_burst(server, user, args.burst))
+        rq_["bursts"].append(rq_burst(queue, args.burst))
+    for side in (djinn, rq_):
+        side["burst"] = statistics.median(side["bursts"])
+    djinn.update(djinn_memory_and_kills(server, user, worker, args))
+    rq_.update(rq_memory(queue, procs))
+    return djinn, rq_
 
 
 # --- the report --------------------------------------------------------------
@@ -385,7 +404,7 @@ def rows(djinn: dict, rq_: dict, overshoot: list[float], args) -> list[Row]:
         Row(f"dispatch median ({args.jobs} jobs)", djinn_median, rq_median, "ms",
             "<= 0.5 x RQ", djinn_median <= 0.5 * rq_median),
         Row(f"dispatch p95 ({args.jobs} jobs)", p95(djinn["dispatch"]), p95(rq_["dispatch"]), "ms"),
-        Row(f"burst ({args.burst} jobs at once)", djinn["burst"], rq_["burst"], "jobs/s",
+        Row(f"burst ({args.burst} jobs at once, median of {args.bursts})", djinn["burst"], rq_["burst"], "jobs/s",
             ">= 2 x RQ", djinn["burst"] >= 2 * rq_["burst"]),
         Row("peak RSS, supervisor / rq worker", djinn["main_rss"], rq_["main_rss"], "MiB",
             "<= 40 MiB", djinn["main_rss"] <= 40),
@@ -421,6 +440,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=100, help="dispatch latency samples")
     parser.add_argument("--burst", type=int, default=500, help="jobs pushed at once")
+    parser.add_argument("--bursts", type=int, default=3, help="bursts of each, in turns")
     parser.add_argument("--kills", type=int, default=10, help="kill latency samples")
     parser.add_argument("--timeouts", type=int, default=3, help="timeout overshoot samples")
     parser.add_argument("--rq-workers", type=int, default=2)
@@ -433,10 +453,10 @@ def main() -> int:
         base.chmod(0o755)  # the postgres user reaches its data folder through it
         try:
             with services(base) as (postgres, redis):
-                with djinn_worker(base, postgres, redis, "djinn") as (server, worker):
-                    djinn = measure_djinn(server, worker, args)
-                with rq_workers(base, redis, args.rq_workers) as procs:
-                    rq_ = measure_rq(rq.Queue(RQ_QUEUE, connection=redis.client()), procs, args)
+                with djinn_worker(base, postgres, redis, "djinn") as (server, worker), \
+                        rq_workers(base, redis, args.rq_workers) as procs:
+                    djinn, rq_ = side_by_side(server, worker, rq.Queue(RQ_QUEUE, connection=redis.client()),
+                                              procs, args)
                 with djinn_worker(base, postgres, redis, "timeout", timeout=f"{TIMEOUT:g}s") as (server, _):
                     overshoot = djinn_overshoot(server, server.user(), args.timeouts)
         finally:
@@ -446,6 +466,8 @@ def main() -> int:
           f"RQ {rq.__version__} ({args.rq_workers} `rq worker`s), one Redis, {os.cpu_count()} CPUs")
     print_table(rows(djinn, rq_, overshoot, args))
     print(f"timeout overshoot samples: {', '.join(f'{s:.0f} ms' for s in overshoot)}")
+    for name, side in (("djinn", djinn), ("RQ", rq_)):
+        print(f"{name} bursts: {', '.join(f'{b:.1f}' for b in side['bursts'])} jobs/s")
     if leftovers:
         print(f"note: {len(leftovers)} job processes outlived their builds (ended now):")
         print("\n".join(f"  {entry}" for entry in leftovers))
