@@ -186,7 +186,7 @@ def spare(config: WorkerConfig, drivers: DriverConfig, command_fd: int, report_f
     conn = None
     if lent is None:
         try:
-            conn = db.connect(config.database, application="djinn-worker build")
+            conn = db.connect(config.database, application=db.BUILD_APPLICATION)
             db.warm(conn)
         except db.Error:
             conn = None  # the build's session connects, riding out the outage

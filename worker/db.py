@@ -27,6 +27,8 @@ from .model import (
 log = logging.getLogger(__name__)
 
 Connection = psycopg2.extensions.connection
+# What pg_stat_activity shows for the connections build processes use.
+BUILD_APPLICATION = "djinn-worker build"
 Error = psycopg2.Error
 
 
@@ -114,7 +116,8 @@ def claim(conn: Connection, build_id: int) -> Claimed:
 # rows (NULL when empty), in the order the worker runs or applies them. The
 # first three columns tell take_build whether the build is this claim's.
 _LOAD_BUILD = """
-SELECT current_setting('djinn_worker.locked', TRUE), b.status, b.started_at, b.user_id, b.namespace_id, b.number, b.secret, d.type, d.config,
+SELECT current_setting('djinn_worker.locked', TRUE), b.status, b.started_at,
+  b.user_id, b.namespace_id, b.number, b.secret, d.type, d.config,
   (SELECT json_agg(json_build_array(id, name, can_fail) ORDER BY created_at, id)
      FROM build_stages WHERE build_id = b.id),
   (SELECT json_agg(json_build_array(id, stage_id, name, commands) ORDER BY created_at, id)
@@ -489,7 +492,7 @@ class Session:
         it; LostBuild if it is no longer ours, BuildRowError if its rows
         cannot be run (the build is taken then)."""
         if conn is None:
-            conn = connect(self.config, application="djinn-worker build")
+            conn = connect(self.config, application=BUILD_APPLICATION)
             prepare(conn)
         self.conn = conn
         build = self.call(take_and_load, self.claimed)
@@ -519,7 +522,7 @@ class Session:
         deadline, delay = time.monotonic() + self.outage, 0.1
         while True:
             try:
-                self.conn = connect(self.config, application="djinn-worker build")
+                self.conn = connect(self.config, application=BUILD_APPLICATION)
                 prepare(self.conn)
                 taken = take_build(self.conn, self.claimed)
             except psycopg2.Error:

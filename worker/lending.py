@@ -5,8 +5,8 @@ of CPU at both ends) and a fresh backend whose catalog caches are cold:
 more than everything else a trivial build does. So the supervisor keeps a
 few connections it never uses itself, and each build process it forks
 inherits one. The child uses it as its own; when it is done it resets the
-session (DISCARD ALL, which also drops the build's advisory lock) and says
-so on its report pipe, and from then on never touches it again: the
+session (drops the build's advisory lock and resets its settings, keeping
+the prepared statements) and says so on its report pipe, and from then on never touches it again: the
 supervisor's copy, idle all along, is in the same protocol state and goes
 to the next build.
 
@@ -29,8 +29,6 @@ from .config import DatabaseConfig
 
 log = logging.getLogger(__name__)
 
-APPLICATION = "djinn-worker build"
-
 
 class Lender:
     def __init__(self, config: DatabaseConfig, size: int):
@@ -42,7 +40,7 @@ class Lender:
     def fill(self) -> None:
         """Open connections until size are idle or lent; raises db.Error."""
         while len(self.idle) + len(self.lent) < self.size:
-            conn = db.connect(self.config, application=APPLICATION)
+            conn = db.connect(self.config, application=db.BUILD_APPLICATION)
             if conn.info.ssl_in_use:
                 conn.close()
                 log.info("the database connection uses TLS, which cannot be shared with a "
@@ -60,8 +58,11 @@ class Lender:
         self.lent.append(conn)
         return conn
 
-    def returned(self, conn: db.Connection, reusable: bool) -> None:
-        """The borrower is done with conn: reusable if it handed it back clean."""
+    def returned(self, conn: db.Connection | None, reusable: bool) -> None:
+        """The borrower is done with conn (None: it had none): reusable if
+        it handed it back clean."""
+        if conn is None:
+            return
         self.lent.remove(conn)
         if reusable and not conn.closed and len(self.idle) + len(self.lent) < self.size:
             self.idle.append(conn)

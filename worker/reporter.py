@@ -146,7 +146,6 @@ class DatabaseReporter:
             small = []
             with self._cond:
                 columns = [self._build] + ([self._job] if self._job else [])
-                then, self._queued = self._queued + list(last), []
             for column in columns:
                 with self._cond:
                     write = column.due(time.monotonic(), final)
@@ -156,6 +155,10 @@ class DatabaseReporter:
                     self._send([(column, write)], [])
                 else:
                     small.append((column, write))
+            # Taken off the queue only now: a big write that failed above
+            # leaves them queued.
+            with self._cond:
+                then, self._queued = self._queued + list(last), []
             try:
                 self._send(small, then)
             except BaseException:

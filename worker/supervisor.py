@@ -494,8 +494,7 @@ class Supervisor:
         if self.spare is not None:
             os.close(self.spare.command_fd)
             os.close(self.spare.report_fd)
-            if self.spare.lent is not None:
-                self.lender.returned(self.spare.lent, reusable=not died)
+            self.lender.returned(self.spare.lent, reusable=not died)
             self.spare = None
 
     def _start(self, payload: Payload, claimed: db.Claimed) -> None:
@@ -507,8 +506,7 @@ class Supervisor:
                 os.write(spare.command_fd, report.encode_start(payload, claimed))
             except BrokenPipeError:  # it died: reaped as a stranger
                 os.close(spare.report_fd)
-                if spare.lent is not None:
-                    self.lender.returned(spare.lent, reusable=False)
+                self.lender.returned(spare.lent, reusable=False)
                 spare = None
             finally:
                 os.close(command_fd)
@@ -615,9 +613,8 @@ class Supervisor:
             self._title()
 
     def _take_back(self, child: Child, reusable: bool) -> None:
-        if child.lent is not None:
-            self.lender.returned(child.lent, reusable)
-            child.lent = None
+        self.lender.returned(child.lent, reusable)
+        child.lent = None
 
     def _drop_claim(self, build_id: int) -> None:
         try:
