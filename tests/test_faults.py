@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 import time
 from datetime import datetime, timezone
 
@@ -200,11 +201,8 @@ def test_a_database_away_longer_than_the_outage_limit_reruns_the_build(private, 
     assert_nothing_left(server, build.id)
 
 
-def test_output_the_database_refuses_is_said_once_and_fails_the_build(private):
-    """A write PostgreSQL refuses (not an outage) is logged once, not at every
-    tick of the writer, and the build fails instead of losing the text."""
-    server, workers = private
-    poison = marker()
+def refuse_output_with(server: Server, poison: str) -> None:
+    """PostgreSQL refuses (not an outage) every job output holding poison."""
     server.sql(f"""
         CREATE FUNCTION refuse_poison() RETURNS trigger AS $$
         BEGIN
@@ -217,9 +215,61 @@ def test_output_the_database_refuses_is_said_once_and_fails_the_build(private):
             FOR EACH ROW EXECUTE FUNCTION refuse_poison();
     """)
     server.conn.commit()
+
+
+def test_output_the_database_refuses_is_said_once_and_fails_the_build(private):
+    """A write PostgreSQL refuses (not an outage) is logged once, not at every
+    tick of the writer, and the build fails instead of losing the text."""
+    server, workers = private
+    poison = marker()
+    refuse_output_with(server, poison)
     worker = workers.start()
     build = server.queue_build([("test", False, [("test", f"echo {poison}; sleep 3; echo after")])])
     row = server.wait(build.id, timeout=60)
     assert row["status"] == "failed"
     assert "The build process died" in row["output"]
     assert worker.log.count("output not yet written: output refused by a trigger") == 1, worker.log
+
+
+def test_a_refused_end_of_one_job_stops_the_build_at_the_next(private, tmp_path):
+    """A job's end is written while the next job runs. If PostgreSQL refuses
+    it, the next job's end fails the build and no later job runs."""
+    server, workers = private
+    poison = marker()
+    refuse_output_with(server, poison)
+    workers.start()
+    flag = tmp_path / "third"
+    build = server.queue_build([("test", False, [
+        ("first", f"echo {poison}"), ("second", "echo second"), ("third", f"touch {flag}")])])
+    row = server.wait(build.id, timeout=60)
+    assert row["status"] == "failed"
+    assert "The build process died" in row["output"]
+    assert not flag.exists()
+    assert_nothing_left(server, build.id)
+
+
+def test_jobs_wait_while_an_ended_job_cannot_be_written(private, tmp_path):
+    """While PostgreSQL is away, one ended job's text is held while the next
+    job runs; the end after that waits for the database, so a build's memory
+    stays bounded however many jobs it has, and nothing is lost."""
+    server, workers = private
+    workers.start()
+    flag = tmp_path / "third"
+    build = server.queue_build([("test", False, [
+        ("first", "sleep 1; echo first"), ("second", "echo second"),
+        ("third", f"touch {flag}; echo third")])])
+    server.wait_job(build.jobs["first"])
+    restart = threading.Thread(target=server.pg.restart, args=(5,))
+    restart.start()
+    time.sleep(3.5)
+    assert not flag.exists()
+    restart.join()
+    reconnect(server)
+    row = server.wait(build.id, timeout=60)
+    assert row["status"] == "passed", row["output"]
+    assert flag.exists()
+    for name in ("first", "second", "third"):
+        job = server.job(build.jobs[name])
+        assert job["status"] == "passed"
+        assert job["output"].count(f"\n{name}\n") == 1, job["output"]
+        assert row["output"].count(f"\n{name}\n") == 1, row["output"]

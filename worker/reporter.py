@@ -90,6 +90,9 @@ class DatabaseReporter:
         self.on_job_output = on_job_output
         self._build = _Column(limit, "builds", build.id)
         self._job: _Column | None = None
+        # The last job's column until all its text is written: its end goes
+        # in the background, with the next job's start.
+        self._closing: _Column | None = None
         self._cond = threading.Condition()
         # One writer on the connection at a time, in the order of events.
         self._db = threading.Lock()
@@ -145,10 +148,15 @@ class DatabaseReporter:
         with self._db:
             small = []
             with self._cond:
-                columns = [self._build] + ([self._job] if self._job else [])
-            for column in columns:
+                closing = self._closing
+                # A job's end takes all of the build's output so far with it.
+                columns = [(self._build, final or closing is not None),
+                           (closing, True), (self._job, final)]
+            for column, whole in columns:
+                if column is None:
+                    continue
                 with self._cond:
-                    write = column.due(time.monotonic(), final)
+                    write = column.due(time.monotonic(), whole)
                 if write is None:
                     continue
                 if len(write.data) > BATCH:
@@ -165,6 +173,17 @@ class DatabaseReporter:
                 with self._cond:  # sent again with the next write
                     self._queued[:0] = then
                 raise
+            self._closed()
+
+    def _closed(self) -> None:
+        """Let the ended job's column go once the database has all its text."""
+        with self._cond:
+            column = self._closing
+            if column is None or column.log.unwritten():
+                return
+            self._closing = None
+        dropped = column.log.left_out
+        self.on_job_output(column.log.total - dropped, dropped)
 
     def _send(self, writes: list[tuple[_Column, Write]], then: list[db.Statement]) -> None:
         statements = [db.output(column.table, column.row_id, write.data,
@@ -211,12 +230,31 @@ class DatabaseReporter:
             self._cond.notify_all()
 
     def job_finished(self, job: Job, status: str) -> None:
-        self._flush(True, db.finish_job(job.id, status))
+        """The job's last output and its end are written in the background,
+        so that the next job starts without waiting for them. Only one ended
+        job's text is held at a time: if the one before is still unwritten,
+        this end writes both, as every end did before, which bounds memory
+        while the database is slow and lets a write it refuses end the build."""
         with self._cond:
+            if self._stopped:
+                raise self._stopped
             column = self._job if self._job is not None and self._job.row_id == job.id else None
         if column is not None:
-            dropped = column.log.left_out
-            self.on_job_output(column.log.total - dropped, dropped)
+            self._write_closing()
+        with self._cond:
+            if column is not None:
+                self._closing, self._job = column, None
+            self._queued.append(db.finish_job(job.id, status))
+            self._due = True
+            self._cond.notify_all()
+
+    def _write_closing(self) -> None:
+        """Write the ended job's text here and now, until all of it is in."""
+        while True:
+            with self._cond:
+                if self._closing is None:
+                    return
+            self._flush(True)
 
     def stage_started(self, stage: Stage) -> None:
         self._queue(db.start_stage(stage.id))
@@ -236,4 +274,5 @@ class DatabaseReporter:
             self._stop = True
             self._cond.notify_all()
         self._written.wait()
+        self._write_closing()
         self._flush(True, db.finish_build(self.build.id, status))
