@@ -38,6 +38,8 @@ FIX_BIN = sed 's|/usr/local/bin/djinn-worker|$(BINDIR)/djinn-worker|g'
 # ./build is setuptools' scratch space: emptied first, so that modules an
 # older checkout left there are not installed.
 install:
+	@command -v pg_config >/dev/null || { echo "make install: pg_config not found:" \
+		"psycopg2 is built against the system's libpq (Debian: apt-get install libpq-dev gcc python3-dev)" >&2; exit 1; }
 	$(PYTHON) -m venv "$(DESTDIR)$(LIBDIR)"
 	rm -rf build
 	"$(DESTDIR)$(LIBDIR)/bin/pip" install --quiet --disable-pip-version-check .

@@ -149,3 +149,13 @@ def test_a_message_of_several_lines_becomes_one():
     line = one_line(caught.value)
     assert "\n" not in line and "\t" not in line
     assert line.count("Connection refused; Is the server running on that host") == 2, line
+
+
+def test_gssapi_encryption_is_asked_for_only_through_pggssencmode(make_worker, monkeypatch):
+    """The worker turns libpq's GSSAPI attempt off (it logs in with a
+    password), unless PGGSSENCMODE asks for it, as PGSSLMODE does for TLS."""
+    monkeypatch.setenv("PGGSSENCMODE", "require")
+    worker = make_worker(start=False).start(wait=None)
+    assert worker.proc.wait(30) == 1, worker.log
+    (line,) = [line for line in worker.log.splitlines() if "cannot connect" in line]
+    assert "GSSAPI encryption required" in line, line

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -38,12 +39,16 @@ class BuildRowError(Exception):
 
 def connect(config: DatabaseConfig, application: str = "djinn-worker") -> Connection:
     """Every connection the worker makes, so that each one (supervisor, build
-    process, spare, mail) goes over the same TLS."""
+    process, spare, mail) goes over the same TLS. GSSAPI encryption is off
+    unless PGGSSENCMODE asks for it: the worker logs in with a password, and
+    libpq's default would look for Kerberos credentials at every connection,
+    which costs each build its time and the supervisor memory."""
     address = config.address
     conn = psycopg2.connect(
         host=address.host, port=address.port, dbname=config.name, user=config.username,
         password=config.password, connect_timeout=10, application_name=application,
-        client_encoding="UTF8", **(config.ssl.params if config.ssl else {}),
+        client_encoding="UTF8", gssencmode=os.environ.get("PGGSSENCMODE", "disable"),
+        **(config.ssl.params if config.ssl else {}),
     )
     conn.autocommit = True
     return conn
