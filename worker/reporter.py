@@ -97,9 +97,8 @@ class DatabaseReporter:
         # One writer on the connection at a time, in the order of events.
         self._db = threading.Lock()
         # Status changes wait here to go with the next write (the writer's,
-        # within a tick, or a job's end): one round trip for all that
-        # happened together. A job's start wakes the writer, so that the
-        # job runs without waiting for its own write.
+        # within a tick, or at a job's end, which wakes it): one round trip
+        # for all that happened together.
         self._queued: list[db.Statement] = []
         self._due = False  # the writer writes without waiting for its tick
         self._stop = False
@@ -221,13 +220,12 @@ class DatabaseReporter:
             self._queued.append(statement)
 
     def job_started(self, job: Job) -> None:
-        """The job's output so far and its start go in the background: by
-        the time its first output is due they have been written."""
+        """The job's start goes with the writer's next tick, within TICK:
+        waking the writer now would have it contend with the job's own
+        start (its process being spawned) for the interpreter."""
         with self._cond:
             self._queued.append(db.start_job(job.id))
             self._job = _Column(self.limit, "build_jobs", job.id)
-            self._due = True
-            self._cond.notify_all()
 
     def job_finished(self, job: Job, status: str) -> None:
         """The job's last output and its end are written in the background,
