@@ -273,3 +273,44 @@ def test_jobs_wait_while_an_ended_job_cannot_be_written(private, tmp_path):
         assert job["status"] == "passed"
         assert job["output"].count(f"\n{name}\n") == 1, job["output"]
         assert row["output"].count(f"\n{name}\n") == 1, row["output"]
+
+
+def test_statuses_queued_behind_a_refused_big_write_are_not_lost(private, tmp_path):
+    """A big write goes alone, before the status changes queued with it. If
+    PostgreSQL refuses it for a while, those changes wait and go later: here
+    the first job's end and the second one's start, queued while the first
+    job's 400 kB are refused."""
+    server, workers = private
+    server.sql("""
+        CREATE TABLE refuse_big (refusing boolean);
+        INSERT INTO refuse_big VALUES (TRUE);
+        CREATE FUNCTION refuse_big_output() RETURNS trigger AS $$
+        BEGIN
+            IF length(NEW.output) > 300000 AND (SELECT refusing FROM refuse_big) THEN
+                RAISE EXCEPTION 'big output refused for now';
+            END IF;
+            RETURN NEW;
+        END $$ LANGUAGE plpgsql;
+        CREATE TRIGGER refuse_big_output BEFORE UPDATE ON build_jobs
+            FOR EACH ROW EXECUTE FUNCTION refuse_big_output();
+    """)
+    server.conn.commit()
+    workers.start()
+    second = tmp_path / "second"
+    build = server.queue_build([("test", False, [
+        ("big", "head -c 400000 /dev/zero | tr '\\0' x; echo"),
+        ("next", f"touch {second}; sleep 2; echo after")])])
+    deadline = time.monotonic() + 30
+    while not second.exists():
+        assert time.monotonic() < deadline, server.build(build.id)["output"]
+        time.sleep(0.05)
+    time.sleep(0.5)  # a few of the writer's ticks, each refused
+    server.sql("UPDATE refuse_big SET refusing = FALSE")
+    server.conn.commit()
+    row = server.wait(build.id, timeout=60)
+    assert row["status"] == "passed", row["output"]
+    for name in ("big", "next"):
+        job = server.job(build.jobs[name])
+        assert job["status"] == "passed" and job["started_at"] is not None, job
+    assert server.job(build.jobs["big"])["output"].count("x" * 400000) == 1
+    assert server.job(build.jobs["next"])["output"].endswith("after\n")
