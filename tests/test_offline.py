@@ -337,6 +337,34 @@ def test_ctrl_c_kills_the_build_with_status_130_and_leaves_nothing(project):
     assert list(project.tmp.iterdir()) == []
 
 
+CHATTER = """\
+driver: {{type: os}}
+stages: [talk]
+jobs:
+  - stage: talk
+    commands:
+      - sleep {marker} &
+      - while true; do echo line; sleep 0.01; done
+"""
+
+
+def test_a_reader_that_goes_away_stops_the_build_and_leaves_nothing(project):
+    """`djinn | head`: once nobody reads its output, the build is stopped as
+    Ctrl-C stops it, and djinn exits as SIGPIPE would end it, without a
+    traceback."""
+    marker = str(3000 + uuid.uuid4().int % 1000)
+    project.manifest(CHATTER.format(marker=marker))
+    proc = subprocess.Popen([DJINN], cwd=project.dir, env=project.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while proc.stdout.readline() != b"line\n":
+        assert proc.poll() is None, proc.stderr.read().decode()
+    proc.stdout.close()
+    assert proc.wait(60) == 128 + signal.SIGPIPE
+    assert proc.stderr.read() == b""
+    assert processes_with(f"sleep {marker}") == []
+    assert list(project.tmp.iterdir()) == []
+
+
 @pytest.mark.parametrize("manifest, error", [
     ("driver:\n  type: os\nstages: [a]\njobs:\n  - stage: a\n    commands:\n      - echo: hi\n",
      ".djinn.yml:7: jobs[0].commands[0]: must be a string, not a mapping"),

@@ -222,7 +222,9 @@ def run(build: Build, driver: Driver, parts: dict, timeout: float) -> int:
     """Run the build to its end and return the exit status.
 
     SIGINT and SIGTERM stop it as a kill does: the running job is killed
-    and the driver destroyed before the command exits.
+    and the driver destroyed before the command exits. So does the reader
+    of standard output going away (`djinn | head`), and the command then
+    exits as a writer killed by SIGPIPE would, with 128 + SIGPIPE.
     """
     cancel = Cancel()
     stopped_by: list[int] = []
@@ -235,10 +237,15 @@ def run(build: Build, driver: Driver, parts: dict, timeout: float) -> int:
     signal.signal(signal.SIGTERM, stop)
     timer = BuildTimer(timeout, cancel)
     try:
-        reporter = TerminalReporter(build, sys.stdout.buffer, colour=_colour(sys.stdout))
+        reporter = TerminalReporter(build, sys.stdout.buffer, colour=_colour(sys.stdout),
+                                    on_closed=lambda: cancel.cancel(KILLED))
         status = Runner(build, lambda: driver, reporter, cancel, timer.creating, **parts).run()
     finally:
         timer.stop()
+    if reporter.closed:
+        # What is still buffered would fail again when Python flushes at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     if stopped_by and status == KILLED:
         return 128 + stopped_by[0]
     return {TIMED_OUT: EXIT_TIMED_OUT, FAILED: EXIT_FAILED}.get(status, 0)

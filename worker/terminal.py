@@ -11,7 +11,7 @@ a terminal, so that a log piped to a file stays plain text.
 from __future__ import annotations
 
 import time
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from .model import FAILED, PASSED, PASSED_WITH_FAILURES, Artifact, Build, Job, Object, Stage
 
@@ -32,16 +32,26 @@ def duration(seconds: float) -> str:
 
 
 class TerminalReporter:
-    def __init__(self, build: Build, out: BinaryIO, colour: bool):
+    def __init__(self, build: Build, out: BinaryIO, colour: bool,
+                 on_closed: Callable[[], None] = lambda: None):
         self.out, self.colour = out, colour
+        # Told once if the reader of out goes away (`djinn | head`): nobody
+        # reads the rest, so the build is stopped as Ctrl-C stops it.
+        self.on_closed = on_closed
+        self.closed = False
         self._stage_of = {job.id: stage.name for stage in build.stages for job in stage.jobs}
         self._started: dict[int, float] = {}
         self._line_open = False  # the last output did not end its line
 
     def _write(self, text: str) -> None:
-        if text:
-            self.out.write(text.encode("utf-8", "replace"))
-            self.out.flush()
+        if text and not self.closed:
+            try:
+                self.out.write(text.encode("utf-8", "replace"))
+                self.out.flush()
+            except BrokenPipeError:
+                self.closed = True
+                self.on_closed()
+                return
             self._line_open = not text.endswith("\n")
 
     def _paint(self, text: str, code: str) -> str:
