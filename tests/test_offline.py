@@ -294,21 +294,19 @@ jobs:
     assert unknown.stdout == ""
 
 
-SLEEPER = """\
-driver: {{type: os}}
-stages: [wait]
-jobs:
-  - stage: wait
-    commands:
-      - sleep {marker} &
-      - echo started
-      - sleep {marker}
-"""
+def one_job(stage: str, *commands: str) -> str:
+    """A manifest of one os-driver job in one stage."""
+    listed = "".join(f"      - {command}\n" for command in commands)
+    return f"driver: {{type: os}}\nstages: [{stage}]\njobs:\n  - stage: {stage}\n    commands:\n{listed}"
+
+
+def sleeper(marker: str) -> str:
+    return one_job("wait", f"sleep {marker} &", "echo started", f"sleep {marker}")
 
 
 def test_timeout_stops_the_build_with_status_124(project):
     marker = str(1000 + uuid.uuid4().int % 1000)  # a sleep no other test runs
-    project.manifest(SLEEPER.format(marker=marker))
+    project.manifest(sleeper(marker))
     started = time.monotonic()
     result = project.run("-timeout", "2s")
     assert result.returncode == 124, result.stdout + result.stderr
@@ -321,7 +319,7 @@ def test_timeout_stops_the_build_with_status_124(project):
 
 def test_ctrl_c_kills_the_build_with_status_130_and_leaves_nothing(project):
     marker = str(2000 + uuid.uuid4().int % 1000)
-    project.manifest(SLEEPER.format(marker=marker))
+    project.manifest(sleeper(marker))
     running = project.start()
     running.wait_for("started\n", timeout=30)
     deadline = time.monotonic() + 10
@@ -337,23 +335,13 @@ def test_ctrl_c_kills_the_build_with_status_130_and_leaves_nothing(project):
     assert list(project.tmp.iterdir()) == []
 
 
-CHATTER = """\
-driver: {{type: os}}
-stages: [talk]
-jobs:
-  - stage: talk
-    commands:
-      - sleep {marker} &
-      - while true; do echo line; sleep 0.01; done
-"""
-
-
 def test_a_reader_that_goes_away_stops_the_build_and_leaves_nothing(project):
     """`djinn | head`: once nobody reads its output, the build is stopped as
     Ctrl-C stops it, and djinn exits as SIGPIPE would end it, without a
     traceback."""
     marker = str(3000 + uuid.uuid4().int % 1000)
-    project.manifest(CHATTER.format(marker=marker))
+    project.manifest(one_job("talk", f"sleep {marker} &",
+                             "while true; do echo line; sleep 0.01; done"))
     proc = subprocess.Popen([DJINN], cwd=project.dir, env=project.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     while proc.stdout.readline() != b"line\n":
