@@ -201,20 +201,26 @@ def test_a_database_away_longer_than_the_outage_limit_reruns_the_build(private, 
     assert_nothing_left(server, build.id)
 
 
-def refuse_output_with(server: Server, poison: str) -> None:
-    """PostgreSQL refuses (not an outage) every job output holding poison."""
+def refuse_job_output(server: Server, when: str, message: str) -> None:
+    """PostgreSQL refuses (not an outage) every job output write for which
+    the SQL condition `when` holds (NEW is the row written)."""
     server.sql(f"""
-        CREATE FUNCTION refuse_poison() RETURNS trigger AS $$
+        CREATE FUNCTION refuse_output() RETURNS trigger AS $$
         BEGIN
-            IF NEW.output LIKE '%%{poison}%%' THEN
-                RAISE EXCEPTION 'output refused by a trigger';
+            IF {when} THEN
+                RAISE EXCEPTION '{message}';
             END IF;
             RETURN NEW;
         END $$ LANGUAGE plpgsql;
-        CREATE TRIGGER refuse_poison BEFORE UPDATE ON build_jobs
-            FOR EACH ROW EXECUTE FUNCTION refuse_poison();
+        CREATE TRIGGER refuse_output BEFORE UPDATE ON build_jobs
+            FOR EACH ROW EXECUTE FUNCTION refuse_output();
     """)
     server.conn.commit()
+
+
+def refuse_output_with(server: Server, poison: str) -> None:
+    """Every job output holding poison is refused."""
+    refuse_job_output(server, f"NEW.output LIKE '%%{poison}%%'", "output refused by a trigger")
 
 
 def test_output_the_database_refuses_is_said_once_and_fails_the_build(private):
@@ -281,20 +287,9 @@ def test_statuses_queued_behind_a_refused_big_write_are_not_lost(private, tmp_pa
     the first job's end and the second one's start, queued while the first
     job's 400 kB are refused."""
     server, workers = private
-    server.sql("""
-        CREATE TABLE refuse_big (refusing boolean);
-        INSERT INTO refuse_big VALUES (TRUE);
-        CREATE FUNCTION refuse_big_output() RETURNS trigger AS $$
-        BEGIN
-            IF length(NEW.output) > 300000 AND (SELECT refusing FROM refuse_big) THEN
-                RAISE EXCEPTION 'big output refused for now';
-            END IF;
-            RETURN NEW;
-        END $$ LANGUAGE plpgsql;
-        CREATE TRIGGER refuse_big_output BEFORE UPDATE ON build_jobs
-            FOR EACH ROW EXECUTE FUNCTION refuse_big_output();
-    """)
-    server.conn.commit()
+    server.sql("CREATE TABLE refuse_big (refusing boolean); INSERT INTO refuse_big VALUES (TRUE)")
+    refuse_job_output(server, "length(NEW.output) > 300000 AND (SELECT refusing FROM refuse_big)",
+                      "big output refused for now")
     workers.start()
     second = tmp_path / "second"
     build = server.queue_build([("test", False, [
