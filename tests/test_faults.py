@@ -12,6 +12,7 @@ import threading
 import time
 from datetime import datetime, timezone
 
+from cutter import Cutter
 from djinn import Server, marker, processes_with
 
 
@@ -161,6 +162,28 @@ def test_a_build_whose_hosts_are_lost_twice_fails(private, tmp_path):
     assert row["output"].endswith("Done. Run failed\n")
     third.wait_log(f"build {build.id}: orphaned a second time by worker host-b")
     assert_nothing_left(server, build.id, sleep)
+
+
+def test_a_claim_whose_answer_is_lost_is_settled_and_the_build_runs(private):
+    """The claim commits but its answer never arrives: the worker cannot
+    know it holds the build, so it leaves its note for recovery, which runs
+    the build again instead of leaving it `running` for ever."""
+    server, workers = private
+    cutter = Cutter(server.pg.port)
+    try:
+        worker = workers.start({"database": {"addr": cutter.addr}, "lease_ttl": "3s"})
+        cutter.lose_answer_to(b"EXECUTE djinn_claim")
+        build = server.queue_build()
+        row = server.wait(build.id, timeout=30)
+    finally:
+        cutter.close()
+    assert cutter.cuts == 1
+    assert row["status"] == "passed", row["output"]
+    assert re.match(r"Build orphaned: this worker lost it at ", row["output"])
+    assert server.sql("SELECT name FROM build_tags WHERE build_id = %s", build.id) == [{"name": "orphaned"}]
+    worker.wait_log(f"build {build.id}: an earlier claim of this worker may have gone through")
+    worker.wait_log(f"build {build.id}: orphaned by this worker; put back on")
+    assert server.wait(server.queue_build().id)["status"] == "passed"
 
 
 def test_one_live_worker_per_identity(private):

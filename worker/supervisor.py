@@ -119,6 +119,8 @@ class Supervisor:
         self.redis = Outage(f"redis at {config.redis.addr}", REDIS, self.health)
         # Payloads popped but neither claimed nor put back while a server was away.
         self.unclaimed: list[tuple[str, bytes]] = []
+        # Builds whose claim failed with no answer, and so may have gone through.
+        self.unanswered: set[int] = set()
         self.pop_at = 0.0  # popping waits for an outage's backoff
         self.kills_at: float | None = 0.0  # when to (re)connect the kill subscription
         self.tick_at = 0.0  # lease refresh and recovery
@@ -360,20 +362,25 @@ class Supervisor:
         except db.ClaimRefused as exc:
             log.error("dropped build %d from %s: %s", payload.build_id, queue, exc)
             self.metrics.payloads_dropped.labels("not_queued").inc()
-            self._forget_note(payload, noted)
+            if payload.build_id in self.unanswered:
+                self.unanswered.discard(payload.build_id)
+                self._wait_note(payload, noted)
+                log.error("build %d: an earlier claim of this worker may have gone through "
+                          "unanswered; left noted, for recovery to settle", payload.build_id)
+            else:
+                self._forget_note(payload, noted)
             return
         except psycopg2.Error as exc:
             self.pop_at = time.monotonic() + self.database.failed(
                 exc, "popped builds are put back and no more are popped")
             self._put_back(queue, raw)
-            self._forget_note(payload, noted)
+            # The server may have committed the claim before the answer was
+            # lost: the note stays, so recovery settles the build if so.
+            self.unanswered.add(payload.build_id)
+            self._wait_note(payload, noted)
             return
-        if noted is not None:
-            try:
-                noted.wait()
-            except redis.RedisError as exc:
-                log.error("build %d: not noted for recovery after a crash: %s",
-                          payload.build_id, exc)
+        self.unanswered.discard(payload.build_id)
+        self._wait_note(payload, noted)
         self.metrics.started.labels(claimed.driver).inc()
         self.metrics.queue_wait.observe(claimed.waited)
         self._start(payload, claimed)
@@ -385,6 +392,14 @@ class Supervisor:
         except redis.RedisError as exc:
             log.error("build %d: not noted for recovery after a crash: %s", payload.build_id, exc)
             return None
+
+    def _wait_note(self, payload: Payload, noted: Reply | None) -> None:
+        if noted is not None:
+            try:
+                noted.wait()
+            except redis.RedisError as exc:
+                log.error("build %d: not noted for recovery after a crash: %s",
+                          payload.build_id, exc)
 
     def _forget_note(self, payload: Payload, noted: Reply | None) -> None:
         """The build was not claimed after all."""
