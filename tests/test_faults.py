@@ -23,7 +23,7 @@ def reconnect(server: Server) -> None:
 
 def build_dirs(server: Server, build_id: int) -> list[str]:
     """The os driver's directories of every run of the build that still exist."""
-    found = re.findall(r"^Build directory (\S+)/home$", server.build(build_id)["output"] or "", re.M)
+    found = re.findall(r"^Build directory (\S+)$", server.build(build_id)["output"] or "", re.M)
     return [d for d in found if os.path.exists(d)]
 
 

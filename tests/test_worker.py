@@ -309,7 +309,6 @@ def test_restart_reruns_builds_whose_processes_died_with_the_worker(server, make
     assert server.build(build.id)["status"] == "running"
     (build_dir,) = [line.split()[-1] for line in server.job(build.jobs["create driver"])["output"].splitlines()
                     if line.startswith("Build directory ")]
-    build_dir = os.path.dirname(build_dir)
     assert os.path.isdir(build_dir)
 
     again = make_worker()
