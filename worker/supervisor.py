@@ -45,8 +45,9 @@ BACKSTOP_GRACE = 30.0
 # A spare build process that died is made again after this long.
 SPARE_PAUSE = 5.0
 # Forking the next spare, and its start, would compete for the CPU with the
-# build that took the last one: it waits until that build's first job has
-# started, or this long.
+# build that took the last one, up to and including its first command: it
+# waits until that build has ended, or for this long (its first job's shell
+# has started within a few milliseconds).
 SPARE_HOLD = 0.05
 # How long a stopping supervisor waits for its spare to exit (it may be
 # connecting to PostgreSQL).
@@ -501,7 +502,7 @@ class Supervisor:
     def _spare_held_until(self) -> float:
         """Until when the next spare waits for a starting build (0: no wait)."""
         return max((c.started + SPARE_HOLD for c in self.children.values()
-                    if c.result is None and not c.pgids), default=0.0)
+                    if c.result is None), default=0.0)
 
     def _drop_spare(self, died: bool = False) -> None:
         """Let the spare go: end of file on its command pipe, and it exits
