@@ -96,11 +96,9 @@ class DatabaseReporter:
         self._cond = threading.Condition()
         # One writer on the connection at a time, in the order of events.
         self._db = threading.Lock()
-        # Status changes wait here to go with the next write (the writer's,
-        # within a tick, or at a job's end, which wakes it): one round trip
-        # for all that happened together.
+        # Status changes wait here to go with the writer's next tick: one
+        # round trip for all that happened together.
         self._queued: list[db.Statement] = []
-        self._due = False  # the writer writes without waiting for its tick
         self._stop = False
         self._stopped: db.StopBuild | None = None  # why the writer gave up
         # threading.Thread.start() waits until the new thread runs, which in
@@ -121,9 +119,7 @@ class DatabaseReporter:
             with self._cond:
                 if self._stop:
                     return
-                if not self._due:
-                    self._cond.wait(TICK)
-                self._due = False
+                self._cond.wait(TICK)
             try:
                 self._flush(final=False)
                 failing = None
@@ -140,17 +136,18 @@ class DatabaseReporter:
                     failing = message
                     log.error("build %s: output not yet written: %s", self.build.id, failing)
 
-    def _flush(self, final: bool, *last: db.Statement) -> None:
-        """Send the output that is due, then the queued status changes and
-        last, in one round trip; a big write goes alone, so that the build
-        process holds one copy of one column's text at a time."""
+    def _flush(self, final: bool, *last: db.Statement, running: bool = True) -> None:
+        """Send the output that is due (of the running job's too, if
+        running), then the queued status changes and last, in one round
+        trip; a big write goes alone, so that the build process holds one
+        copy of one column's text at a time."""
         with self._db:
             small = []
             with self._cond:
                 closing = self._closing
                 # A job's end takes all of the build's output so far with it.
                 columns = [(self._build, final or closing is not None),
-                           (closing, True), (self._job, final)]
+                           (closing, True), (self._job if running else None, final)]
             for column, whole in columns:
                 if column is None:
                     continue
@@ -221,15 +218,16 @@ class DatabaseReporter:
 
     def job_started(self, job: Job) -> None:
         """The job's start goes with the writer's next tick, within TICK:
-        waking the writer now would have it contend with the job's own
-        start (its process being spawned) for the interpreter."""
+        waking the writer now would have it contend for the interpreter and
+        the CPU with the job's own start (its process being spawned)."""
         with self._cond:
             self._queued.append(db.start_job(job.id))
             self._job = _Column(self.limit, "build_jobs", job.id)
 
     def job_finished(self, job: Job, status: str) -> None:
-        """The job's last output and its end are written in the background,
-        so that the next job starts without waiting for them. Only one ended
+        """The job's last output and its end go with the writer's next tick,
+        as a start does, so that the next job starts without waiting for
+        them or contending with their write. Only one ended
         job's text is held at a time: if the one before is still unwritten,
         this end writes both, as every end did before, which bounds memory
         while the database is slow and lets a write it refuses end the build."""
@@ -243,16 +241,16 @@ class DatabaseReporter:
             if column is not None:
                 self._closing, self._job = column, None
             self._queued.append(db.finish_job(job.id, status))
-            self._due = True
-            self._cond.notify_all()
 
     def _write_closing(self) -> None:
-        """Write the ended job's text here and now, until all of it is in."""
+        """Write the ended job's text here and now, until all of it is in.
+        The running job's text is left to the writer: a write of it that
+        the database refuses must not end the build before its turn."""
         while True:
             with self._cond:
                 if self._closing is None:
                     return
-            self._flush(True)
+            self._flush(True, running=False)
 
     def stage_started(self, stage: Stage) -> None:
         self._queue(db.start_stage(stage.id))
