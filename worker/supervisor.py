@@ -359,7 +359,7 @@ class Supervisor:
             return
         noted = self._note(payload, queue)
         try:
-            claimed = self._db(lambda conn: db.claim(conn, payload.build_id))
+            claimed = self._claim(payload.build_id)
         except db.ClaimRefused as exc:
             log.error("dropped build %d from %s: %s", payload.build_id, queue, exc)
             self.metrics.payloads_dropped.labels("not_queued").inc()
@@ -385,6 +385,23 @@ class Supervisor:
         self.metrics.started.labels(claimed.driver).inc()
         self.metrics.queue_wait.observe(claimed.waited)
         self._start(payload, claimed)
+
+    def _claim(self, build_id: int) -> db.Claimed:
+        """Claim on the spare's lent connection, if it has one, rather than
+        on the supervisor's own: the build's first statements, on the same
+        session, then find its backend awake and its caches warm. The spare
+        does not touch the connection until it is given the build."""
+        spare = self.spare
+        if spare is None or spare.lent is None:
+            return self._db(lambda conn: db.claim(conn, build_id))
+        try:
+            claimed = db.claim(spare.lent, build_id)
+        except (psycopg2.OperationalError, psycopg2.InterfaceError):
+            self._drop_spare(died=True)  # its connection is as broken for it
+            self.lender.drop_idle()
+            raise
+        self.database.ok()
+        return claimed
 
     def _note(self, payload: Payload, queue: str) -> Reply | None:
         """Note the build for recovery, its answer read once it is claimed."""
