@@ -17,6 +17,8 @@ TIMED_OUT = "timed_out"
 
 # Statuses that make the server mail people.
 MAILED = (FAILED, KILLED, TIMED_OUT)
+# The first job of a build's first stage, if so named, is the driver's creation.
+CREATE_JOB = "create driver"
 
 _RANK = {PASSED: 0, PASSED_WITH_FAILURES: 1, FAILED: 2, KILLED: 3, TIMED_OUT: 3}
 

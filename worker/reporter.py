@@ -24,7 +24,7 @@ import time
 from typing import Callable
 
 from . import db
-from .model import Artifact, Build, Job, Object, Stage
+from .model import CREATE_JOB, Artifact, Build, Job, Object, Stage
 from .output import CappedLog, Write
 
 log = logging.getLogger(__name__)
@@ -96,9 +96,11 @@ class DatabaseReporter:
         self._cond = threading.Condition()
         # One writer on the connection at a time, in the order of events.
         self._db = threading.Lock()
-        # Status changes wait here to go with the writer's next tick: one
-        # round trip for all that happened together.
+        # Status changes wait here to go with the next write (the writer's,
+        # within a tick, or at a job's end, which wakes it): one round trip
+        # for all that happened together.
         self._queued: list[db.Statement] = []
+        self._due = False  # the writer writes without waiting for its tick
         self._stop = False
         self._stopped: db.StopBuild | None = None  # why the writer gave up
         # threading.Thread.start() waits until the new thread runs, which in
@@ -119,7 +121,9 @@ class DatabaseReporter:
             with self._cond:
                 if self._stop:
                     return
-                self._cond.wait(TICK)
+                if not self._due:
+                    self._cond.wait(TICK)
+                self._due = False
             try:
                 self._flush(final=False)
                 failing = None
@@ -136,18 +140,18 @@ class DatabaseReporter:
                     failing = message
                     log.error("build %s: output not yet written: %s", self.build.id, failing)
 
-    def _flush(self, final: bool, *last: db.Statement, running: bool = True) -> None:
-        """Send the output that is due (of the running job's too, if
-        running), then the queued status changes and last, in one round
-        trip; a big write goes alone, so that the build process holds one
-        copy of one column's text at a time."""
+    def _flush(self, final: bool, *last: db.Statement, big_running: bool = True) -> None:
+        """Send the output that is due, then the queued status changes and
+        last, in one round trip; a big write goes alone, so that the build
+        process holds one copy of one column's text at a time. Without
+        big_running, a big write of the running job's text is left for later."""
         with self._db:
             small = []
             with self._cond:
                 closing = self._closing
                 # A job's end takes all of the build's output so far with it.
                 columns = [(self._build, final or closing is not None),
-                           (closing, True), (self._job if running else None, final)]
+                           (closing, True), (self._job, final)]
             for column, whole in columns:
                 if column is None:
                     continue
@@ -156,6 +160,8 @@ class DatabaseReporter:
                 if write is None:
                     continue
                 if len(write.data) > BATCH:
+                    if column is self._job and not big_running:
+                        continue
                     self._send([(column, write)], [])
                 else:
                     small.append((column, write))
@@ -225,12 +231,15 @@ class DatabaseReporter:
             self._job = _Column(self.limit, "build_jobs", job.id)
 
     def job_finished(self, job: Job, status: str) -> None:
-        """The job's last output and its end go with the writer's next tick,
-        as a start does, so that the next job starts without waiting for
-        them or contending with their write. Only one ended
+        """The job's last output and its end are written in the background,
+        so that the next job starts without waiting for them. The create
+        driver job's end waits for the writer's tick instead, as a start
+        does: it comes just as the build's first command is being spawned,
+        and how soon that command runs is how soon the build is seen to
+        start. Only one ended
         job's text is held at a time: if the one before is still unwritten,
-        this end writes both, as every end did before, which bounds memory
-        while the database is slow and lets a write it refuses end the build."""
+        this end writes it first, which bounds memory while the database is
+        slow and lets a write it refuses end the build."""
         with self._cond:
             if self._stopped:
                 raise self._stopped
@@ -241,16 +250,20 @@ class DatabaseReporter:
             if column is not None:
                 self._closing, self._job = column, None
             self._queued.append(db.finish_job(job.id, status))
+            if job.name != CREATE_JOB:
+                self._due = True
+                self._cond.notify_all()
 
     def _write_closing(self) -> None:
         """Write the ended job's text here and now, until all of it is in.
-        The running job's text is left to the writer: a write of it that
-        the database refuses must not end the build before its turn."""
+        The running job's text goes with it when it is small (the same round
+        trip); a big one is left to the writer, so that a write of it the
+        database refuses does not end the build before its turn."""
         while True:
             with self._cond:
                 if self._closing is None:
                     return
-            self._flush(True, running=False)
+            self._flush(True, big_running=False)
 
     def stage_started(self, stage: Stage) -> None:
         self._queue(db.start_stage(stage.id))

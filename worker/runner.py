@@ -21,13 +21,12 @@ from djinn_worker.drivers.base import Driver, DriverError
 from .cancel import Cancel
 from .output import MIN_MASKED, Masker
 from .model import (
-    FAILED, KILLED, PASSED, PASSED_WITH_FAILURES, Artifact, Build, Job, Object, Stage, StopBuild,
+    CREATE_JOB, FAILED, KILLED, PASSED, PASSED_WITH_FAILURES, Artifact, Build, Job, Object, Stage, StopBuild,
     done_line, worst,
 )
 
 log = logging.getLogger(__name__)
 
-CREATE_JOB = "create driver"
 SCRIPT_HEADER = "#!/bin/sh\nexec 2>&1\nset -ex\n\n"
 SSH_CONFIG_HEADER = "StrictHostKeyChecking no\nUserKnownHostsFile /dev/null\n"
 # Lines of key material this long or longer are masked wherever they appear.
