@@ -33,8 +33,7 @@ from . import __version__
 from .cancel import BuildTimer, Cancel
 from .config import IMAGES_PATH, ConfigError, DriverConfig, host_arch, load_drivers, parse_duration
 from .manifest import Manifest, ManifestError, Source, load as load_manifest
-from .model import FAILED, KILLED, TIMED_OUT, Artifact, Build, Job, Object, Stage, Variable
-from .model import CREATE_JOB
+from .model import CREATE_JOB, FAILED, KILLED, TIMED_OUT, Artifact, Build, Job, Object, Stage, Variable
 from .runner import Runner
 from .terminal import TerminalReporter
 

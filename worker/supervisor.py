@@ -247,12 +247,13 @@ class Supervisor:
 
     # -- the servers ------------------------------------------------------
 
-    def _db(self, work: Callable[[db.Connection], object]):
-        """Do work on the supervisor's connection, connecting first if there is none.
+    def _db(self, work: Callable[[db.Connection], object], conn: db.Connection | None = None):
+        """Do work on conn, by default the supervisor's connection (connecting
+        first if there is none).
 
         A connection that failed is closed, so the next call connects anew.
         """
-        conn = self._connection()
+        conn = conn if conn is not None else self._connection()
         try:
             result = work(conn)
         except (psycopg2.OperationalError, psycopg2.InterfaceError):
@@ -391,17 +392,13 @@ class Supervisor:
         on the supervisor's own: the build's first statements, on the same
         session, then find its backend awake and its caches warm. The spare
         does not touch the connection until it is given the build."""
-        spare = self.spare
-        if spare is None or spare.lent is None:
-            return self._db(lambda conn: db.claim(conn, build_id))
+        lent = self.spare.lent if self.spare else None
         try:
-            claimed = db.claim(spare.lent, build_id)
+            return self._db(lambda conn: db.claim(conn, build_id), lent)
         except (psycopg2.OperationalError, psycopg2.InterfaceError):
-            self._drop_spare(died=True)  # its connection is as broken for it
-            self.lender.drop_idle()
+            if lent is not None:
+                self._drop_spare(died=True)  # its connection is as broken for it
             raise
-        self.database.ok()
-        return claimed
 
     def _note(self, payload: Payload, queue: str) -> Reply | None:
         """Note the build for recovery, its answer read once it is claimed."""
