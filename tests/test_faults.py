@@ -183,6 +183,7 @@ def test_a_claim_whose_answer_is_lost_is_settled_and_the_build_runs(private):
     assert server.sql("SELECT name FROM build_tags WHERE build_id = %s", build.id) == [{"name": "orphaned"}]
     worker.wait_log(f"build {build.id}: an earlier claim of this worker may have gone through")
     worker.wait_log(f"build {build.id}: orphaned by this worker; put back on")
+    assert_nothing_left(server, build.id)
     assert server.wait(server.queue_build().id)["status"] == "passed"
 
 
